@@ -1,0 +1,57 @@
+"""The `quantize` flow: float checkpoint + ImageFolder data -> int8 TorchScript models.
+
+    python flows/quantize.py run.yaml        # a local run against the ephemeral Prefect API
+    quantlab run run.yaml                     # the same, through the CLI
+
+Stages: validate, stage data, float baseline, PTQ variants in parallel, multi-epoch QAT on
+gloo workers, convert and script, benchmark, report. The run's manifest is written last.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from quantlab.config import RunConfig
+from tasks import stages
+from tasks.progress import Progress
+
+
+@flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def quantize(config: RunConfig) -> dict:
+    """Quantize a float classifier with PTQ and QAT, benchmark, and store everything."""
+    progress = Progress(run_label=config.model.name)
+    num_classes = stages.preflight(config)
+    progress.done("validate")
+    run = stages.start_run(config)
+    staged = stages.stage_data(config)
+    progress.done("stage")
+    float_eval = stages.evaluate_float(config, staged)
+    results = [stages.export_float(config, staged, run, float_eval)]
+    progress.done("float")
+
+    ptq = [stages.ptq_variant.submit(config, staged, run, v) for v in config.variants]
+    results += [f.result() for f in ptq]
+    progress.done("ptq")
+
+    epochs: list[dict] = []
+    if config.qat.enabled:
+        epochs = stages.train_qat(config, staged, run, num_classes, progress)
+        progress.done("qat")
+        results.append(stages.export_qat(config, staged, run, num_classes))
+    progress.done("qat-export")
+
+    latencies = stages.benchmark(config, run, [r.artifact for r in results])
+    progress.done("benchmark")
+    manifest = stages.finalize(config, run, staged, results, latencies, epochs)
+    progress.done("report")
+    return {"run_id": run.run_id, "store": config.store, "selected": manifest.selected.variant,
+            "results": [r.model_dump() for r in manifest.results]}
+
+
+if __name__ == "__main__":
+    from quantlab.config import load_config
+
+    quantize(load_config(sys.argv[1]))

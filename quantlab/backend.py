@@ -1,0 +1,141 @@
+"""The quantization backend, behind one interface.
+
+quantlab implements the eager-mode recipe (torch.ao.quantization: fuse, qconfig, prepare,
+calibrate, convert; prepare_qat and fake quantization). Everything that recipe does to a model
+goes through `QuantBackend`, so that another backend (PT2E with torch.export, for example)
+can be added by implementing the same five methods.
+
+    backend = get_backend()                                   # EagerBackend
+    observed = backend.prepare_ptq(float_model, variant)      # fused, observers inserted
+    ...run calibration batches through `observed`...
+    int8 = backend.convert(observed)                          # a new int8 module
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+from torch.ao.nn.intrinsic import qat as nniqat
+
+from quantlab import models
+from quantlab.config import VariantConfig
+from quantlab.errors import ConfigError
+
+# torch.backends.quantized.engine is process-global, and it decides how weights are packed at
+# convert and load time. Parallel PTQ tasks (threads) take this lock around those steps.
+_ENGINE_LOCK = threading.RLock()
+
+
+class QuantBackend(Protocol):
+    name: str
+
+    def prepare_ptq(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
+        """An eval-mode float model, fused and with observers, ready for calibration."""
+
+    def convert(self, model: nn.Module, engine: str) -> nn.Module:
+        """A new int8 model (CPU, eval) from an observed or QAT model; the input is untouched."""
+
+    def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
+        """A train-mode float model, fused for QAT, with fake quantization inserted."""
+
+    def freeze_observers(self, model: nn.Module) -> None:
+        """Stop updating quantization ranges (scales and zero points are then fixed)."""
+
+    def freeze_bn_stats(self, model: nn.Module) -> None:
+        """Stop updating BatchNorm running mean/variance (BN stays folded in training)."""
+
+
+def supported_engines() -> list[str]:
+    """The quantized engines this build of torch offers on this CPU."""
+    return list(torch.backends.quantized.supported_engines)
+
+
+def check_engine(engine: str) -> str:
+    """Refuse an engine this build of torch or this CPU cannot run."""
+    supported = supported_engines()
+    if engine not in supported:
+        valid = [e for e in supported if e != "none"]
+        raise ConfigError(f"quantization engine {engine!r} is not supported here; "
+                          f"valid: {', '.join(valid)}")
+    return engine
+
+
+def qconfig_for(variant: VariantConfig) -> tq.QConfig:
+    """The QConfig of a PTQ variant.
+
+    ptq-minmax builds `default_qconfig` (per-tensor MinMax, activations 0..127) and ptq-x86
+    builds `get_default_qconfig("x86")` (histogram activations, per-channel weights).
+    """
+    reduce_range = variant.reduce_range
+    if reduce_range is None:
+        reduce_range = variant.engine in ("x86", "fbgemm")
+    qmax = 127 if reduce_range else 255
+    activation = {
+        "minmax": tq.MinMaxObserver.with_args(quant_min=0, quant_max=qmax),
+        "moving_average_minmax": tq.MovingAverageMinMaxObserver.with_args(quant_min=0, quant_max=qmax),
+        "histogram": tq.HistogramObserver.with_args(reduce_range=reduce_range),
+    }[variant.activation_observer]
+    weight = {
+        "minmax": tq.default_weight_observer,
+        "per_channel_minmax": tq.default_per_channel_weight_observer,
+    }[variant.weight_observer]
+    return tq.QConfig(activation=activation, weight=weight)
+
+
+class EagerBackend:
+    """torch.ao.quantization eager mode, as in the PyTorch tutorial."""
+
+    name = "eager"
+
+    def prepare_ptq(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
+        check_engine(variant.engine)
+        models.fuse(model, is_qat=False)
+        model.qconfig = qconfig_for(variant)
+        return tq.prepare(model, inplace=False)
+
+    def convert(self, model: nn.Module, engine: str) -> nn.Module:
+        check_engine(engine)
+        snapshot = copy.deepcopy(model).cpu().eval()
+        with engine_context(engine):
+            return tq.convert(snapshot, inplace=True).eval()
+
+    def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
+        check_engine(engine)
+        models.fuse(model, is_qat=True)
+        model.qconfig = tq.get_default_qat_qconfig(engine)
+        return tq.prepare_qat(model, inplace=False).train()
+
+    def freeze_observers(self, model: nn.Module) -> None:
+        model.apply(tq.disable_observer)
+
+    def freeze_bn_stats(self, model: nn.Module) -> None:
+        model.apply(nniqat.freeze_bn_stats)
+
+
+_BACKENDS: dict[str, QuantBackend] = {"eager": EagerBackend()}
+
+
+def get_backend(name: str = "eager") -> QuantBackend:
+    if name not in _BACKENDS:
+        raise ConfigError(f"unknown quantization backend {name!r}; valid: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+@contextmanager
+def engine_context(name: str) -> Iterator[None]:
+    """Hold the process-wide quantized engine at `name` (convert, load and run int8 models)."""
+    check_engine(name)
+    with _ENGINE_LOCK:
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = name
+        try:
+            yield
+        finally:
+            torch.backends.quantized.engine = previous

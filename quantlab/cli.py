@@ -1,0 +1,198 @@
+"""The `quantlab` command line.
+
+    quantlab demo [--store URI]                       the embedded default, end to end
+    quantlab run CONFIG.yaml | --model ... --checkpoint URI --data URI --store URI
+    quantlab runs [--store URI]                       complete runs in a store
+    quantlab show RUN|ALIAS [--store URI]             one run's manifest, results and choice
+    quantlab pull RUN|ALIAS [--variant NAME|best] [--dest PATH]
+
+A user's mistake prints one line naming the bad value and the valid ones, and exits 2;
+`--debug` shows the traceback.
+
+The CLI lives in quantlab but imports flows (and Prefect) only inside the commands that run
+them: the library itself never imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from quantlab.errors import QuantlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Turn float PyTorch image classifiers into fast int8 models.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+StoreOpt = Annotated[str, typer.Option("--store", "-s", envvar="QUANTLAB_STORE",
+                                       help="store root: a folder, file://, s3://bucket/prefix")]
+StorageOpts = Annotated[Optional[list[str]], typer.Option(
+    "--storage-option", "-o", help="fsspec storage option KEY=VALUE (repeatable), e.g. "
+    "endpoint_url=http://127.0.0.1:5000; passed through the environment, never stored")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _apply_storage_options(options: list[str] | None) -> None:
+    """KEY=VALUE pairs -> QUANTLAB_STORAGE_OPTIONS (reaches the store and the QAT workers)."""
+    if not options:
+        return
+    parsed: dict[str, Any] = json.loads(os.environ.get("QUANTLAB_STORAGE_OPTIONS") or "{}")
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QuantlabError(f"--storage-option {item!r} must be KEY=VALUE")
+        parsed[key] = yaml.safe_load(value) if value else ""
+    os.environ["QUANTLAB_STORAGE_OPTIONS"] = json.dumps(parsed)
+
+
+def _print_results(result: dict) -> None:
+    from quantlab import report
+    from quantlab.registry import ResultRow
+
+    rows = [ResultRow.model_validate(r) for r in result["results"]]
+    console.print(report.rich_table(rows, result["selected"], title=f"run {result['run_id']}"))
+    console.print(f"selected [bold]{result['selected']}[/bold]; artifacts in "
+                  f"{result['store']}/runs/{result['run_id']}/  "
+                  f"(pull: quantlab pull {result['run_id']} --store {result['store']})")
+
+
+@app.command()
+def demo(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None,
+         qat_epochs: Annotated[int, typer.Option(min=1, help="QAT epochs")] = 3,
+         world_size: Annotated[int, typer.Option(min=1, help="QAT gloo workers")] = 2,
+         cache_dir: Annotated[str, typer.Option(help="local cache of staged data")] = "~/.cache/quantlab",
+         ) -> None:
+    """Seed the store with real digits, train a float baseline once, run `quantize` on it."""
+    _apply_storage_options(storage_option)
+    from flows.demo import demo as demo_flow
+
+    _print_results(demo_flow(store=store, qat_epochs=qat_epochs, world_size=world_size,
+                             cache_dir=cache_dir))
+
+
+@app.command()
+def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")] = None,
+        model: Annotated[Optional[str], typer.Option(help="architecture name")] = None,
+        checkpoint: Annotated[Optional[str], typer.Option(help="float state_dict URI")] = None,
+        data: Annotated[Optional[str], typer.Option(help="ImageFolder dataset URI")] = None,
+        store: Annotated[Optional[str], typer.Option("--store", "-s", help="store root URI")] = None,
+        storage_option: StorageOpts = None,
+        input_size: Annotated[Optional[int], typer.Option(help="model input side, pixels")] = None,
+        qat_epochs: Annotated[Optional[int], typer.Option(help="QAT epochs")] = None,
+        world_size: Annotated[Optional[int], typer.Option(help="QAT gloo workers")] = None,
+        no_qat: Annotated[bool, typer.Option("--no-qat", help="skip QAT")] = False,
+        run_id: Annotated[Optional[str], typer.Option(help="resume this run id")] = None,
+        ) -> None:
+    """Run the `quantize` flow on your model and data (a YAML config and/or flags)."""
+    from quantlab.config import load_config, merge_overrides, parse_config
+
+    _apply_storage_options(storage_option)
+    overrides = {"model.name": model, "model.checkpoint": checkpoint, "data.uri": data,
+                 "store": store, "data.transforms.input_size": input_size,
+                 "qat.epochs": qat_epochs, "qat.world_size": world_size,
+                 "qat.enabled": False if no_qat else None, "run_id": run_id}
+    cfg = load_config(config, overrides) if config else parse_config(merge_overrides({}, overrides))
+    from quantlab.pipeline import preflight
+
+    preflight(cfg)  # bad input fails here, in seconds, before Prefect or any work starts
+    from flows.quantize import quantize
+
+    _print_results(quantize(cfg))
+
+
+@app.command()
+def runs(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
+    """List the complete runs in a store (runs without a manifest are not listed)."""
+    from rich.table import Table
+
+    from quantlab.registry import list_runs
+    from quantlab.store import Store
+
+    _apply_storage_options(storage_option)
+    table = Table(title=f"runs in {store}")
+    for col in ("run id", "finished (UTC)", "model", "status", "best variant", "top-1 %", "speed-up"):
+        table.add_column(col)
+    for m in list_runs(Store(store)):
+        best = next(r for r in m.results if r.variant == m.selected.variant)
+        table.add_row(m.run_id, f"{m.finished_at:%Y-%m-%d %H:%M:%S}", m.model, m.status,
+                      m.selected.variant + ("" if m.selected.within_budget else " (over budget)"),
+                      f"{best.top1:.2f}", f"{best.speedup:.2f}x" if best.speedup else "-")
+    console.print(table)
+
+
+@app.command()
+def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best, ...)")],
+         store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None,
+         json_output: Annotated[bool, typer.Option("--json", help="print the manifest")] = False,
+         ) -> None:
+    """Show one run: results, the selected variant and why, artifacts with sha256."""
+    from quantlab import report
+    from quantlab.registry import load_manifest, resolve
+    from quantlab.store import Store
+
+    _apply_storage_options(storage_option)
+    st = Store(store)
+    m = load_manifest(st, resolve(st, ref))
+    if json_output:
+        console.print_json(m.model_dump_json())
+        return
+    console.print(report.rich_table(m.results, m.selected.variant,
+                                    title=f"run {m.run_id}: {m.model} ({m.status})"))
+    console.print(f"selected [bold]{m.selected.variant}[/bold]: {m.selected.reason}")
+    console.print(f"dataset {m.dataset.uri} ({m.dataset.fingerprint[:16]}…), "
+                  f"{m.dataset.num_train} train / {m.dataset.num_val} val")
+    for a in m.artifacts:
+        console.print(f"  {a.variant:<16} {a.bytes:>10,} B  sha256 {a.sha256[:16]}…  "
+                      f"{st.uri(f'runs/{m.run_id}/{a.path}')}")
+
+
+@app.command()
+def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best, ...)")],
+         variant: Annotated[str, typer.Option(help="variant name, or best (the selected one)")] = "best",
+         dest: Annotated[Optional[str], typer.Option(help="file (or folder) to write")] = None,
+         store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
+    """Download a model, verifying its sha256 against the run's manifest."""
+    from quantlab.registry import pull as pull_artifact
+
+    _apply_storage_options(storage_option)
+    path = pull_artifact(store, ref, variant=variant, dest=dest)
+    console.print(f"wrote {path} (sha256 verified); load it with torch.jit.load")
+
+
+def main() -> None:
+    """Entry point: run the app; user errors become one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except QuantlabError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own formatting
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Typed configuration of a quantlab run, validated once, up front.
+
+A run is described by one `RunConfig`: the float model and its checkpoint, the dataset, the
+PTQ variants, the QAT schedule, the benchmark settings and the store. Every bad value raises a
+`ConfigError` (a ValueError) that names it and the valid choices, before any expensive work.
+
+    from quantlab.config import RunConfig, load_config
+    cfg = load_config("run.yaml")            # or RunConfig(model=..., data=..., store=...)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantlab.errors import ConfigError
+from quantlab.models import ARCHITECTURES
+
+ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+ACTIVATION_OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
+WEIGHT_OBSERVERS = ("minmax", "per_channel_minmax")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Secrets never travel in a config (it is stored in manifests and in Prefect's database).
+SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
+                      "aws_secret_access_key", "aws_session_token", "session_token"}
+
+
+def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
+    return value
+
+
+def _check_variant_name(v: str) -> str:
+    if not VARIANT_NAME.fullmatch(v):
+        raise ValueError(f"variant name {v!r} must match {VARIANT_NAME.pattern} "
+                         "(lower case, digits, '.', '_', '-')")
+    return v
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransformConfig(_Model):
+    """Image transforms. The defaults are the tutorial's ImageNet ones for 224 input."""
+
+    input_size: int = Field(224, ge=8, description="side of the square model input, pixels")
+    resize_size: int | None = Field(None, ge=8, description="eval resize before the center crop; "
+                                    "default input_size / 0.875 (256 for 224)")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    train_crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop scale")
+    hflip: bool = Field(True, description="random horizontal flip when training")
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize_size or round(self.input_size / 0.875)
+
+
+class DataConfig(_Model):
+    """An ImageFolder dataset: <uri>/train/<class>/*.png|jpg and <uri>/val/<class>/..."""
+
+    uri: str = Field(description="local path, file://, s3://bucket/prefix or memory://")
+    batch_size: int = Field(32, ge=1, description="training and calibration batch size")
+    eval_batch_size: int = Field(50, ge=1, description="evaluation batch size (the tutorial's 50)")
+    max_eval_batches: int | None = Field(None, ge=1, description="None evaluates all of val/")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    transforms: TransformConfig = TransformConfig()
+
+
+class ModelConfig(_Model):
+    """A torchvision quantizable architecture and its float checkpoint (a state_dict)."""
+
+    name: str = Field("mobilenet_v2", description=f"one of {', '.join(ARCHITECTURES)}")
+    checkpoint: str = Field(description="URI of a torchvision-format state_dict (.pth)")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="extra constructor arguments, e.g. width_mult")
+
+    @field_validator("name")
+    @classmethod
+    def _known_architecture(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(f"unknown model {v!r}; valid: {', '.join(ARCHITECTURES)}")
+        return v
+
+
+class VariantConfig(_Model):
+    """A named PTQ preset: engine, observers and calibration size."""
+
+    name: str
+    engine: str = "x86"
+    activation_observer: str = "histogram"
+    weight_observer: str = "per_channel_minmax"
+    reduce_range: bool | None = Field(None, description="None: True for x86/fbgemm, else False")
+    num_calibration_batches: int = Field(32, ge=1, description="the tutorial's 32")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_variant_name(v)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        return _check_choice("engine", v, ENGINES)
+
+    @field_validator("activation_observer")
+    @classmethod
+    def _act(cls, v: str) -> str:
+        return _check_choice("activation_observer", v, ACTIVATION_OBSERVERS)
+
+    @field_validator("weight_observer")
+    @classmethod
+    def _weight(cls, v: str) -> str:
+        return _check_choice("weight_observer", v, WEIGHT_OBSERVERS)
+
+
+# The tutorial's two PTQ configs.
+PTQ_PRESETS: dict[str, VariantConfig] = {
+    # torch.ao.quantization.default_qconfig: per-tensor MinMax activations and weights.
+    "ptq-minmax": VariantConfig(name="ptq-minmax", engine="x86", activation_observer="minmax",
+                                weight_observer="minmax"),
+    # get_default_qconfig("x86"): histogram activations, per-channel weights.
+    "ptq-x86": VariantConfig(name="ptq-x86", engine="x86", activation_observer="histogram",
+                             weight_observer="per_channel_minmax"),
+}
+
+
+class QATConfig(_Model):
+    """Quantization-aware training, the tutorial's schedule, as torch.distributed workers.
+
+    Epochs count from 1. After epoch `freeze_bn_after` BatchNorm running statistics stop
+    updating; after epoch `freeze_observers_after` the observers stop (scales are fixed). The
+    tutorial's recipe is 8 epochs with BN frozen after epoch 4 and observers after epoch 5.
+    """
+
+    enabled: bool = True
+    name: str = "qat-x86"
+    engine: str = "x86"
+    epochs: int = Field(8, ge=1)
+    freeze_bn_after: int = Field(4, ge=1, description="epoch (1-based) after which BN stats freeze")
+    freeze_observers_after: int = Field(5, ge=1, description="epoch after which observers freeze")
+    lr: float = Field(1e-4, gt=0, description="SGD learning rate per worker batch (tutorial: 1e-4)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-5, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    max_train_batches: int | None = Field(None, ge=1, description="per epoch per worker; None: all")
+    world_size: int = Field(2, ge=1, description="gloo workers on this machine (nproc-per-node)")
+    threads_per_worker: int = Field(1, ge=1, description="torch/OMP threads in each worker")
+    max_restarts: int = Field(3, ge=0, description="torchrun restarts of the worker group")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_variant_name(v)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        return _check_choice("engine", v, ENGINES)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> "QATConfig":
+        for field in ("freeze_bn_after", "freeze_observers_after"):
+            value = getattr(self, field)
+            if value > self.epochs:
+                raise ValueError(f"qat.{field}={value} is beyond the run's {self.epochs} epochs; "
+                                 f"valid: 1..{self.epochs}")
+        return self
+
+
+class BenchConfig(_Model):
+    """How artifacts are timed: TorchScript, fixed threads, warm-up, median of many runs."""
+
+    num_threads: int = Field(2, ge=1)
+    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1)
+    warmup: int = Field(10, ge=0, description="untimed iterations per model")
+    iterations: int = Field(50, ge=5, description="timed iterations per model and batch size")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"batch_sizes must all be >= 1, got {list(v)}")
+        return v
+
+
+class RunConfig(_Model):
+    """Everything a `quantize` run needs."""
+
+    model: ModelConfig
+    data: DataConfig
+    store: str = Field("./quantlab-store", description="root URI of artifacts and metrics")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options without secrets, e.g. "
+        "{'endpoint_url': 'http://127.0.0.1:5000'}; credentials come from the environment")
+    cache_dir: str = Field("~/.cache/quantlab", description="local cache of staged datasets")
+    variants: tuple[VariantConfig, ...] = tuple(PTQ_PRESETS.values())
+    qat: QATConfig = QATConfig()
+    bench: BenchConfig = BenchConfig()
+    max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points below float allowed "
+                                     "when selecting the variant to ship")
+    seed: int = 0
+    run_id: str | None = Field(None, description="None: a new id; an existing id resumes it")
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _expand_presets(cls, v: Any) -> Any:
+        """A variant may be given by preset name ("ptq-x86") or as a full mapping."""
+        out = []
+        for item in v or ():
+            if isinstance(item, str):
+                if item not in PTQ_PRESETS:
+                    raise ValueError(f"unknown variant {item!r}; presets: {', '.join(PTQ_PRESETS)}"
+                                     " (or give a mapping with name, engine, observers)")
+                item = PTQ_PRESETS[item]
+            out.append(item)
+        return out
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        leaked = sorted(k for k in v if k.lower() in SECRET_OPTION_KEYS)
+        if leaked:
+            raise ValueError(f"storage_options must not hold credentials ({', '.join(leaked)}); "
+                             "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
+                             "`--storage-option` on the command line")
+        return v
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError(f"run_id {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        names = [v.name for v in self.variants] + ([self.qat.name] if self.qat.enabled else [])
+        dupes = sorted({n for n in names if names.count(n) > 1} | ({"float"} & set(names)))
+        if dupes:
+            raise ValueError(f"variant names must be unique and not 'float': {', '.join(dupes)}")
+        return self
+
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants] + ([self.qat.name] if self.qat.enabled else [])
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a mapping into a RunConfig; errors become one readable ConfigError."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config, apply dotted-key overrides ({"qat.epochs": 2}), validate."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping, got {type(data).__name__}")
+    return parse_config(merge_overrides(data, overrides or {}))
+
+
+def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Apply {"a.b": v} overrides onto a nested mapping (None values are skipped)."""
+    data = {**data}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node[p] = dict(node.get(p) or {})
+            node = node[p]
+        node[leaf] = value
+    return data
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        elif err["type"] == "missing":
+            msg = "required setting is missing"
+        parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})"
+                                       if err["type"] not in ("missing", "value_error")
+                                       and not isinstance(err["input"], dict) else ""))
+    return "invalid config: " + "; ".join(parts)

@@ -1,0 +1,249 @@
+"""Datasets: the ImageFolder layout, transforms, loaders, staging, and the bundled digits.
+
+Data is an ImageFolder with train/ and val/ splits, one folder per class, which is also how
+ImageNet is laid out after the usual preparation:
+
+    <uri>/train/<class>/<image>.{png,jpg,...}
+    <uri>/val/<class>/<image>...
+
+`stage()` brings a dataset from any store URI into a local cache keyed by its content, in
+parallel, and skips what is already there; `loader()` builds DataLoaders over the staged copy.
+`seed_digits()` writes scikit-learn's 1,797 real handwritten digits in that layout (the demo).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision import datasets, transforms
+
+from quantlab import store as st
+from quantlab.config import DataConfig, TransformConfig
+from quantlab.errors import DataError
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+STAGED_MARKER = ".quantlab-staged.json"   # in a staged copy: it is complete
+SEEDED_MARKER = ".quantlab-seeded.json"   # in the store: the demo dataset is complete
+
+
+class StagedData(BaseModel):
+    """A dataset ready to read from local disk, and the fingerprint of its content."""
+
+    uri: str            # where it came from
+    local_path: str     # where it is now (the source itself when it is already local)
+    fingerprint: str    # sha256 over (relative path, size, content tag) of every file
+    classes: list[str]
+    num_train: int
+    num_val: int
+    num_bytes: int
+    staged_files: int   # files downloaded by this call (0 when everything was cached)
+    seconds: float
+
+
+# -- layout ------------------------------------------------------------------------------
+def check_layout(files: list[st.FileInfo], uri: str) -> tuple[list[str], dict[str, int]]:
+    """Validate train/ and val/ with the same class folders; return (classes, counts)."""
+    if not files:
+        raise DataError(f"dataset {uri} is missing or empty; expected train/<class>/<image> and "
+                        "val/<class>/<image>")
+    classes: dict[str, set[str]] = {s: set() for s in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
+    for f in files:
+        parts = f.relpath.split("/")
+        if len(parts) == 3 and parts[0] in SPLITS and parts[2].lower().endswith(IMAGE_EXTENSIONS):
+            classes[parts[0]].add(parts[1])
+            counts[parts[0]] += 1
+    for split in SPLITS:
+        if not counts[split]:
+            raise DataError(f"dataset {uri} has no images under {split}/; expected "
+                            f"{split}/<class>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}")
+    if classes["train"] != classes["val"]:
+        only_train = sorted(classes["train"] - classes["val"])[:5]
+        only_val = sorted(classes["val"] - classes["train"])[:5]
+        raise DataError(f"dataset {uri}: classes differ between train/ and val/ (only in train: "
+                        f"{only_train or 'none'}; only in val: {only_val or 'none'})")
+    return sorted(classes["train"]), counts
+
+
+def fingerprint(files: list[st.FileInfo]) -> str:
+    """Content fingerprint of a listing: any added, removed, resized or rewritten file changes it."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relpath):
+        h.update(f"{f.relpath}\0{f.size}\0{f.etag}\n".encode())
+    return h.hexdigest()
+
+
+# -- staging -----------------------------------------------------------------------------
+def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> StagedData:
+    """Make a dataset readable from local disk, verified, skipping what is already staged.
+
+    Local datasets are read in place (fingerprinted, not copied). Remote ones (s3://,
+    memory://, ...) are listed once, recursively, and downloaded concurrently into
+    `<cache_dir>/datasets/<fingerprint>/`. A download that is interrupted resumes: files
+    already present with the right size are kept. When the counts and sizes check out, a
+    staging manifest (.quantlab-staged.json) marks the copy complete.
+    """
+    start = time.perf_counter()
+    # Hidden files (our markers, .DS_Store, ...) are not data.
+    files = [f for f in st.list_files(uri, storage_options)
+             if not any(part.startswith(".") for part in f.relpath.split("/"))]
+    classes, counts = check_layout(files, uri)
+    fp = fingerprint(files)
+    total_bytes = sum(f.size for f in files)
+    if st.is_local(uri):
+        local = st.normalize_uri(uri)
+        downloaded = 0
+    else:
+        local = os.path.join(os.path.expanduser(cache_dir), "datasets", fp[:32])
+        marker = os.path.join(local, STAGED_MARKER)
+        if _read_marker(marker).get("fingerprint") == fp:
+            downloaded = 0
+        else:
+            todo = [f.relpath for f in files if not _has_file(local, f)]
+            log.info("staging %d of %d files (%.1f MB) from %s", len(todo), len(files),
+                     total_bytes / 1e6, uri)
+            done = 0
+
+            def progress(n: int) -> None:
+                nonlocal done
+                done += n
+                if on_progress:
+                    on_progress(done, len(todo))
+            st.download(uri, todo, local, storage_options, on_progress=progress)
+            bad = [f.relpath for f in files if not _has_file(local, f)]
+            if bad:
+                raise DataError(f"staging {uri} left {len(bad)} files missing or truncated "
+                                f"(e.g. {', '.join(bad[:3])}); re-run to resume")
+            downloaded = len(todo)
+            with open(marker + ".tmp", "w") as f:
+                json.dump({"uri": uri, "fingerprint": fp, "num_files": len(files),
+                           "num_bytes": total_bytes, "staged_at": time.time()}, f)
+            os.replace(marker + ".tmp", marker)
+    return StagedData(uri=uri, local_path=local, fingerprint=fp, classes=classes,
+                      num_train=counts["train"], num_val=counts["val"], num_bytes=total_bytes,
+                      staged_files=downloaded, seconds=time.perf_counter() - start)
+
+
+def _has_file(root: str, f: st.FileInfo) -> bool:
+    path = os.path.join(root, *f.relpath.split("/"))
+    try:
+        return os.path.getsize(path) == f.size
+    except OSError:
+        return False
+
+
+def _read_marker(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# -- transforms and loaders --------------------------------------------------------------
+def build_transform(cfg: TransformConfig, train: bool) -> transforms.Compose:
+    """The tutorial's transforms (for 224 input: resize 256, crop 224, ImageNet mean/std)."""
+    normalize = transforms.Normalize(cfg.mean, cfg.std)
+    if train:
+        steps = [transforms.RandomResizedCrop(cfg.input_size, scale=cfg.train_crop_scale)]
+        if cfg.hflip:
+            steps.append(transforms.RandomHorizontalFlip())
+    else:
+        steps = [transforms.Resize(cfg.eval_resize), transforms.CenterCrop(cfg.input_size)]
+    return transforms.Compose([*steps, transforms.ToTensor(), normalize])
+
+
+class _CheckedImageFolder(datasets.ImageFolder):
+    """ImageFolder whose decode errors name the file."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            path = self.samples[index][0]
+            raise DataError(f"cannot decode image {path}: {e}") from None
+
+
+def image_folder(staged: StagedData, split: str, transform) -> datasets.ImageFolder:
+    root = os.path.join(staged.local_path, split)
+    if not os.path.isdir(root):
+        raise DataError(f"dataset {staged.uri} has no {split}/ folder")
+    ds = _CheckedImageFolder(root, transform=transform)
+    if ds.classes != staged.classes:
+        raise DataError(f"{root}: classes changed since staging; re-stage the dataset")
+    return ds
+
+
+def loader(staged: StagedData, cfg: DataConfig, split: str, train: bool,
+           batch_size: int | None = None, max_images: int | None = None,
+           distributed: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader over a staged split.
+
+    train=True: training transforms and shuffling (a DistributedSampler when `distributed`,
+    so that each rank sees a distinct shard; call `loader.sampler.set_epoch(e)` per epoch).
+    train=False: eval transforms, fixed order. `max_images` takes a fixed, seeded subset.
+    """
+    ds = image_folder(staged, split, build_transform(cfg.transforms, train=train))
+    if max_images is not None and max_images < len(ds):
+        g = torch.Generator().manual_seed(seed)
+        ds = Subset(ds, torch.randperm(len(ds), generator=g)[:max_images].tolist())
+    sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=False) if distributed else None
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),
+                      shuffle=train and sampler is None, sampler=sampler, generator=g,
+                      num_workers=cfg.num_workers, drop_last=False,
+                      persistent_workers=cfg.num_workers > 0)
+
+
+# -- the bundled real dataset ------------------------------------------------------------
+def seed_digits(store: st.Store, name: str = "digits", val_fraction: float = 0.2,
+                seed: int = 0) -> tuple[str, bool]:
+    """Write scikit-learn's 1,797 handwritten digits as an ImageFolder of 8x8 PNGs.
+
+    train/ and val/ are split per class with a fixed seed. Returns (uri, written); nothing is
+    written when a complete copy is already in the store.
+    """
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    rel = f"datasets/{name}"
+    marker = f"{rel}/{SEEDED_MARKER}"
+    digits = load_digits()
+    if store.exists(marker):
+        return store.uri(rel), False
+    rng = np.random.default_rng(seed)
+    files: dict[str, bytes] = {}
+    for label in range(10):
+        idx = np.flatnonzero(digits.target == label)
+        rng.shuffle(idx)
+        num_val = round(len(idx) * val_fraction)
+        for k, i in enumerate(idx):
+            split = "val" if k < num_val else "train"
+            pixels = np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+            files[f"{rel}/{split}/{label}/{i:04d}.png"] = buf.getvalue()
+    store.write_many(files)
+    store.write_json(marker, {"source": "sklearn.datasets.load_digits",
+                              "num_images": len(digits.images), "val_fraction": val_fraction,
+                              "seed": seed})
+    return store.uri(rel), True
+
+
+def clear_cache(cache_dir: str) -> None:
+    """Delete every staged dataset."""
+    shutil.rmtree(os.path.join(os.path.expanduser(cache_dir), "datasets"), ignore_errors=True)

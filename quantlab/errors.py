@@ -1,0 +1,29 @@
+"""Errors that a user can act on. The CLI prints them as one line, without a traceback."""
+
+
+class QuantlabError(Exception):
+    """Base class: the message names the bad value and what would be valid."""
+
+
+class ConfigError(QuantlabError, ValueError):
+    """A setting is invalid (unknown model, engine, nonsense number, ...)."""
+
+
+class DataError(QuantlabError):
+    """The dataset is missing, malformed, or holds a file that cannot be decoded."""
+
+
+class CheckpointError(QuantlabError):
+    """The float checkpoint is missing, unsafe, or does not match the architecture."""
+
+
+class StoreError(QuantlabError):
+    """The store cannot be reached, read or written."""
+
+
+class IntegrityError(QuantlabError):
+    """Stored content does not match its manifest (sha256, size, schema)."""
+
+
+class NotFoundError(QuantlabError, LookupError):
+    """A run, alias or variant that the store does not hold."""

@@ -1,0 +1,52 @@
+"""Top-1, top-5 and loss of a classifier on a loader, as the tutorial's evaluate() computes them.
+
+    result = evaluate(model, val_loader)             # EvalResult(top1=..., top5=..., loss=...)
+
+Accuracies are percentages (0-100), as the tutorial prints them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class EvalResult(BaseModel):
+    top1: float         # percent
+    top5: float         # percent
+    loss: float         # mean cross-entropy
+    num_images: int
+
+
+def correct_topk(output: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose target is among the k highest logits, for each k."""
+    maxk = min(max(ks), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices
+    hits = pred.eq(target.unsqueeze(1))
+    return [int(hits[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
+             on_batch: Callable[[int], None] | None = None) -> EvalResult:
+    """Evaluate in eval mode on all of `loader`, or its first `max_batches` batches."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    n = c1 = c5 = 0
+    loss = 0.0
+    for i, (images, target) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        output = model(images)
+        loss += float(criterion(output, target))
+        h1, h5 = correct_topk(output, target)
+        c1, c5, n = c1 + h1, c5 + h5, n + len(target)
+        if on_batch:
+            on_batch(i + 1)
+    if n == 0:
+        raise ValueError("evaluation saw no images")
+    return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss / n, num_images=n)

@@ -1,0 +1,299 @@
+"""The steps of a quantize run, as plain functions over URIs and small records.
+
+Each step reads its inputs from the store or the staged dataset, writes its outputs to the
+store, and returns a small pydantic record; tensors and modules never cross a step boundary.
+The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in order:
+
+    cfg = load_config("run.yaml")
+    num_classes = preflight(cfg)                    # all validation, before any work
+    run = start_run(cfg)
+    staged = stage(cfg)
+    float_eval = evaluate_float(cfg, staged)
+    results = [export_float(cfg, staged, run, float_eval)]
+    results += [ptq_variant(cfg, staged, run, v) for v in cfg.variants]
+    train_qat(cfg, staged, run, num_classes)
+    results.append(export_qat(cfg, staged, run, num_classes))
+    latencies = benchmark(cfg, run, [r.artifact for r in results])
+    manifest = finalize(cfg, run, staged, results, latencies)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from importlib import metadata
+from typing import Literal
+
+import torch
+from pydantic import BaseModel
+
+from quantlab import __version__, data, export, metrics, models, qat, registry, report
+from quantlab.backend import check_engine, get_backend
+from quantlab.bench import Latency, cpu_info, measure
+from quantlab.config import RunConfig, VariantConfig
+from quantlab.data import StagedData
+from quantlab.distributed import launch
+from quantlab.errors import ConfigError, DataError, NotFoundError
+from quantlab.evaluate import EvalResult, evaluate
+from quantlab.registry import ArtifactEntry, DatasetInfo, Manifest
+from quantlab.store import Store
+
+log = logging.getLogger("quantlab.pipeline")
+
+
+class RunInfo(BaseModel):
+    run_id: str
+    created_at: datetime
+    resumed: bool = False
+
+
+class VariantResult(BaseModel):
+    """A variant's accuracy and its stored artifact."""
+
+    variant: str
+    method: Literal["float", "ptq", "qat"]
+    engine: str | None
+    eval: EvalResult
+    artifact: ArtifactEntry
+    float_layers: list[str] = []
+
+
+def store_of(cfg: RunConfig) -> Store:
+    return Store(cfg.store, cfg.storage_options)
+
+
+# -- before any work -----------------------------------------------------------------------
+def preflight(cfg: RunConfig) -> int:
+    """Validate everything cheap to check, before any expensive work; returns num_classes.
+
+    Engines this CPU supports, a writable store, the dataset's layout (class folders of train/
+    and val/), and the checkpoint (exists, loads with weights_only, fits the architecture and
+    the dataset's number of classes).
+    """
+    for engine in {v.engine for v in cfg.variants} | ({cfg.qat.engine} if cfg.qat.enabled else set()):
+        check_engine(engine)
+    store_of(cfg).check_writable()
+    dataset = Store(cfg.data.uri, cfg.storage_options)
+    splits = {s: dataset.list_dir(s) for s in data.SPLITS}
+    for split, classes in splits.items():
+        if not classes:
+            raise DataError(f"dataset {dataset.root} has no {split}/ folder with class folders; "
+                            f"expected {split}/<class>/<image>")
+    if splits["train"] != splits["val"]:
+        only_train = sorted(set(splits["train"]) - set(splits["val"]))[:5]
+        only_val = sorted(set(splits["val"]) - set(splits["train"]))[:5]
+        raise DataError(f"dataset {dataset.root}: classes differ between train/ and val/ "
+                        f"(only in train: {only_train or 'none'}; only in val: {only_val or 'none'})")
+    num_classes = len(splits["train"])
+    models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
+                            cfg.storage_options, **cfg.model.kwargs)
+    return num_classes
+
+
+def start_run(cfg: RunConfig) -> RunInfo:
+    """Create the run (runs/<id>/run.json), or resume an incomplete one with the same id."""
+    store = store_of(cfg)
+    if cfg.run_id:
+        rel = f"{registry.run_dir(cfg.run_id)}/run.json"
+        if store.exists(f"{registry.run_dir(cfg.run_id)}/manifest.json"):
+            raise ConfigError(f"run {cfg.run_id} already completed; choose a new run id")
+        if store.exists(rel):
+            info = RunInfo.model_validate({**store.read_json(rel), "resumed": True})
+            log.info("resuming run %s (created %s)", info.run_id, info.created_at)
+            return info
+        info = RunInfo(run_id=cfg.run_id, created_at=metrics.now())
+    else:
+        now = metrics.now()
+        info = RunInfo(run_id=f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}", created_at=now)
+    store.write_json(f"{registry.run_dir(info.run_id)}/run.json",
+                     {**info.model_dump(mode="json", exclude={"resumed"}),
+                      "model": cfg.model.name, "config": cfg.model_dump(mode="json")})
+    return info
+
+
+# -- data and the float baseline -----------------------------------------------------------
+def stage(cfg: RunConfig, on_progress: Callable[[int, int], None] | None = None) -> StagedData:
+    """Bring the dataset into the local cache (or fingerprint it in place when it is local)."""
+    return data.stage(cfg.data.uri, cfg.cache_dir, cfg.storage_options, on_progress)
+
+
+def load_float(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
+    return models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
+                                   cfg.storage_options, **cfg.model.kwargs)
+
+
+def val_loader(cfg: RunConfig, staged: StagedData):
+    return data.loader(staged, cfg.data, "val", train=False)
+
+
+def evaluate_float(cfg: RunConfig, staged: StagedData) -> EvalResult:
+    """Top-1/top-5/loss of the float checkpoint on val/ (a pure function of its inputs)."""
+    model = load_float(cfg, len(staged.classes))
+    return evaluate(model, val_loader(cfg, staged), cfg.data.max_eval_batches)
+
+
+def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
+                 float_eval: EvalResult) -> VariantResult:
+    """Script the fused float model (the benchmark's reference) and store it."""
+    model = models.fuse(load_float(cfg, len(staged.classes)), is_qat=False)
+    return _store_variant(cfg, run, "float", "float", None, model, float_eval)
+
+
+# -- PTQ -----------------------------------------------------------------------------------
+def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
+                variant: VariantConfig) -> VariantResult:
+    """Fuse, insert observers, calibrate, convert to int8, evaluate, script, store."""
+    backend = get_backend()
+    observed = backend.prepare_ptq(load_float(cfg, len(staged.classes)), variant)
+    calibrate(observed, calibration_loader(cfg, staged, variant.num_calibration_batches))
+    int8 = backend.convert(observed, variant.engine)
+    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
+    return _store_variant(cfg, run, variant.name, "ptq", variant.engine, int8, result)
+
+
+def calibration_loader(cfg: RunConfig, staged: StagedData, num_batches: int):
+    """A fixed, seeded subset of train/ with eval transforms: num_batches x batch_size images."""
+    return data.loader(staged, cfg.data, "train", train=False, batch_size=cfg.data.batch_size,
+                       max_images=num_batches * cfg.data.batch_size, seed=cfg.seed)
+
+
+@torch.inference_mode()
+def calibrate(model: torch.nn.Module, loader) -> int:
+    """Run images through an observed model so its observers record ranges; returns count."""
+    model.eval()
+    n = 0
+    for images, _ in loader:
+        model(images)
+        n += len(images)
+    return n
+
+
+# -- QAT -----------------------------------------------------------------------------------
+def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: int,
+              on_line: Callable[[str], None] = print) -> list[dict]:
+    """Launch the QAT workers (torchrun, gloo) and wait; returns this run's epoch rows.
+
+    Resumes from the run's newest checkpoint in the store, if any.
+    """
+    job = qat.QatJob(config=cfg, staged=staged, run_id=run.run_id, run_date=run.created_at,
+                     num_classes=num_classes)
+    with tempfile.TemporaryDirectory(prefix="quantlab-qat-") as tmp:
+        path = os.path.join(tmp, "job.json")
+        with open(path, "w") as f:
+            f.write(job.model_dump_json())
+        launch("quantlab.qat", ["--job", path], nproc_per_node=cfg.qat.world_size,
+               threads_per_worker=cfg.qat.threads_per_worker, max_restarts=cfg.qat.max_restarts,
+               on_line=on_line)
+    return qat_epochs(cfg, run)
+
+
+def qat_epochs(cfg: RunConfig, run: RunInfo) -> list[dict]:
+    rows = metrics.read_rows(store_of(cfg), "qat_epochs", run.run_id)
+    return sorted(rows, key=lambda r: r["epoch"])
+
+
+def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: int) -> VariantResult:
+    """Convert the final QAT checkpoint to int8, evaluate it on val/, script and store it."""
+    store = store_of(cfg)
+    last = qat.latest_checkpoint(store, run.run_id)
+    if last < cfg.qat.epochs:
+        raise NotFoundError(f"run {run.run_id} has QAT checkpoints up to epoch {last} of "
+                            f"{cfg.qat.epochs}; train first")
+    model = qat.build_qat_model(cfg, num_classes)
+    qat.restore(model, qat.load_checkpoint(store, run.run_id, last))
+    int8 = get_backend().convert(model, cfg.qat.engine)
+    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
+    return _store_variant(cfg, run, cfg.qat.name, "qat", cfg.qat.engine, int8, result)
+
+
+# -- storing, benchmarking, reporting --------------------------------------------------------
+def _store_variant(cfg: RunConfig, run: RunInfo, variant: str, method: str, engine: str | None,
+                   model: torch.nn.Module, result: EvalResult) -> VariantResult:
+    """Script a model, store the artifact and its `evaluations` row."""
+    payload = export.to_bytes(export.script(model))
+    entry = ArtifactEntry(variant=variant, method=method, path=registry.artifact_path(variant),
+                          sha256=export.sha256(payload), bytes=len(payload), engine=engine)
+    store = store_of(cfg)
+    store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", payload)
+    metrics.write_rows(store, "evaluations", [{
+        "run_id": run.run_id, "variant": variant, "method": method, "model": cfg.model.name,
+        "backend": get_backend().name, "engine": engine or "", "top1": result.top1,
+        "top5": result.top5, "loss": result.loss, "num_images": result.num_images,
+        "size_bytes": entry.bytes}], run.run_id, variant, run.created_at)
+    return VariantResult(variant=variant, method=method, engine=engine, eval=result, artifact=entry)
+
+
+def load_artifact(cfg: RunConfig, run_id: str, entry: ArtifactEntry) -> torch.jit.ScriptModule:
+    """Read an artifact, verify its sha256 and size, and only then load it (it is code)."""
+    store = store_of(cfg)
+    payload = store.read_bytes(f"{registry.run_dir(run_id)}/{entry.path}")
+    registry.verify(payload, entry, store.uri(f"{registry.run_dir(run_id)}/{entry.path}"))
+    return export.load(payload, engine=entry.engine)
+
+
+def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
+    """Time float and every int8 artifact the same way, interleaved; store `benchmarks` rows."""
+    modules = {a.variant: load_artifact(cfg, run.run_id, a) for a in artifacts}
+    b = cfg.bench
+    rows = measure(modules, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
+                   b.warmup, b.iterations)
+    engines = {a.variant: a.engine or "" for a in artifacts}
+    cpu = cpu_info()
+    metrics.write_rows(store_of(cfg), "benchmarks", [{
+        **r.model_dump(), "run_id": run.run_id, "model": cfg.model.name,
+        "engine": engines[r.variant], "input_size": cfg.data.transforms.input_size,
+        "cpu": cpu} for r in rows], run.run_id, "pipeline", run.created_at)
+    return rows
+
+
+def versions() -> dict[str, str]:
+    out = {"quantlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for dist in ("torchvision", "prefect"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
+             latencies: list[Latency], epochs: list[dict] | None = None) -> Manifest:
+    """Compare, select, plot, write the report, then the manifest (last), then the aliases."""
+    store = store_of(cfg)
+    base = registry.run_dir(run.run_id)
+    rows = report.comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
+                               "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
+                               "float_layers": r.float_layers} for r in results], latencies)
+    selected = report.select(rows, cfg.max_accuracy_drop)
+    store.write_bytes(f"{base}/report/comparison.png", report.plot(rows, epochs or []))
+    manifest = Manifest(
+        run_id=run.run_id, status="succeeded", created_at=run.created_at,
+        finished_at=metrics.now(), model=cfg.model.name,
+        input_size=cfg.data.transforms.input_size, max_accuracy_drop=cfg.max_accuracy_drop,
+        config=cfg.model_dump(mode="json"), versions=versions(),
+        dataset=DatasetInfo(uri=staged.uri, fingerprint=staged.fingerprint,
+                            classes=staged.classes, num_train=staged.num_train,
+                            num_val=staged.num_val),
+        artifacts=[r.artifact for r in results], results=rows, selected=selected,
+        report={"markdown": "report/report.md", "plot": "report/comparison.png"})
+    links = {a.variant: store.uri(f"{base}/{a.path}") for a in manifest.artifacts}
+    links["plot"] = store.uri(f"{base}/report/comparison.png")
+    store.write_bytes(f"{base}/report/report.md", report.markdown_report(manifest, links).encode())
+    store.write_json(f"{base}/manifest.json", manifest.model_dump(mode="json"))  # last: complete
+    update_aliases(store, manifest)
+    return manifest
+
+
+def update_aliases(store: Store, manifest: Manifest) -> None:
+    """latest and latest-<model> always; best and best-<model> point at the selected variant."""
+    when = manifest.finished_at
+    for name in ("latest", f"latest-{manifest.model}"):
+        registry.write_alias(store, name, manifest.run_id, manifest.model, None, when)
+    for name in (f"best-{manifest.model}", "best"):
+        registry.write_alias(store, name, manifest.run_id, manifest.model,
+                             manifest.selected.variant, when)

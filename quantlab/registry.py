@@ -1,0 +1,240 @@
+"""Runs in a store: manifests, aliases, and pulling verified models.
+
+    <store>/runs/<run_id>/manifest.json     written last: its presence means the run is complete
+    <store>/aliases/<name>.json             latest, best, latest-<model>, best-<model>
+
+A reader trusts an artifact only through a manifest whose sha256 matches its bytes:
+
+    from quantlab.registry import pull
+    path = pull("s3://bucket/lab", "latest", variant="best", dest="model.pt")
+    torch.jit.load(path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantlab.errors import IntegrityError, NotFoundError  # noqa: F401 (re-exported)
+from quantlab.store import Store, check_relpath
+
+SCHEMA_VERSION = 1
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+def run_dir(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def artifact_path(variant: str) -> str:
+    """Path of a variant's TorchScript file, relative to the run folder."""
+    return f"artifacts/{variant}/model.torchscript.pt"
+
+
+def checkpoint_path(epoch: int) -> str:
+    return f"checkpoints/qat/epoch-{epoch:04d}.pt"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArtifactEntry(_Strict):
+    variant: str = Field(pattern=_NAME)
+    method: Literal["float", "ptq", "qat"]
+    path: str                               # relative to the run folder
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+    format: Literal["torchscript"] = "torchscript"
+    engine: str | None = None               # quantized engine the weights were packed for
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if check_relpath(v) != v or v.startswith("."):
+            raise ValueError(f"artifact path {v!r} must be a plain relative path")
+        return v
+
+
+class ResultRow(_Strict):
+    variant: str = Field(pattern=_NAME)
+    method: Literal["float", "ptq", "qat"]
+    top1: float
+    top5: float
+    size_bytes: int
+    latency_ms: float | None                # batch 1, median
+    speedup: float | None                   # float latency / this latency
+    float_layers: list[str] = []            # layers kept in float (fallback variants)
+
+
+class Selection(_Strict):
+    variant: str = Field(pattern=_NAME)
+    reason: str
+    within_budget: bool
+
+
+class DatasetInfo(_Strict):
+    uri: str
+    fingerprint: str
+    classes: list[str]
+    num_train: int
+    num_val: int
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    run_id: str = Field(pattern=_NAME)
+    status: Literal["succeeded"]
+    created_at: datetime
+    finished_at: datetime
+    model: str
+    input_size: int
+    max_accuracy_drop: float
+    config: dict[str, Any]
+    versions: dict[str, str]
+    dataset: DatasetInfo
+    artifacts: list[ArtifactEntry]
+    results: list[ResultRow]
+    selected: Selection
+    report: dict[str, str] = {}             # name -> path relative to the run folder
+
+    def artifact(self, variant: str) -> ArtifactEntry:
+        if variant == "best":
+            variant = self.selected.variant
+        for a in self.artifacts:
+            if a.variant == variant:
+                return a
+        raise NotFoundError(f"run {self.run_id} has no variant {variant!r}; valid: "
+                            f"{', '.join(['best'] + [a.variant for a in self.artifacts])}")
+
+
+class Alias(_Strict):
+    name: str = Field(pattern=_NAME)
+    run_id: str = Field(pattern=_NAME)
+    model: str
+    variant: str | None = None
+    updated_at: datetime
+
+
+def load_manifest(store: Store, run_id: str) -> Manifest:
+    """The validated manifest of a complete run (NotFoundError if the run is incomplete)."""
+    _check_name("run id", run_id)
+    rel = f"{run_dir(run_id)}/manifest.json"
+    if not store.exists(rel):
+        raise NotFoundError(f"run {run_id!r} is not in {store.root} or did not complete "
+                            "(no manifest.json)")
+    return _validate(Manifest, store.read_json(rel), store.uri(rel))
+
+
+def list_runs(store: Store) -> list[Manifest]:
+    """Complete runs, oldest first. Runs without a manifest (running, failed) are skipped."""
+    out = []
+    for run_id in store.list_dir("runs"):
+        if store.exists(f"{run_dir(run_id)}/manifest.json"):
+            out.append(load_manifest(store, run_id))
+    return sorted(out, key=lambda m: m.created_at)
+
+
+def list_aliases(store: Store) -> list[Alias]:
+    names = [n.removesuffix(".json") for n in store.list_dir("aliases") if n.endswith(".json")]
+    return [read_alias(store, n) for n in names]
+
+
+def read_alias(store: Store, name: str) -> Alias:
+    _check_name("alias", name)
+    rel = f"aliases/{name}.json"
+    return _validate(Alias, store.read_json(rel), store.uri(rel))
+
+
+def write_alias(store: Store, name: str, run_id: str, model: str, variant: str | None,
+                updated_at: datetime) -> None:
+    """Point an alias at a run (one atomic object write: last writer wins, never torn)."""
+    alias = Alias(name=name, run_id=run_id, model=model, variant=variant, updated_at=updated_at)
+    store.write_json(f"aliases/{name}.json", alias.model_dump(mode="json"))
+
+
+def resolve(store: Store, ref: str) -> str:
+    """A run id from a run id or an alias name."""
+    _check_name("run or alias", ref)
+    if store.exists(f"aliases/{ref}.json"):
+        return read_alias(store, ref).run_id
+    if store.exists(f"{run_dir(ref)}/manifest.json"):
+        return ref
+    aliases = [a.name for a in list_aliases(store)]
+    runs = [m.run_id for m in list_runs(store)][-3:]
+    raise NotFoundError(f"{ref!r} is neither a complete run nor an alias in {store.root}; "
+                        f"aliases: {', '.join(aliases) or 'none'}; recent runs: "
+                        f"{', '.join(runs) or 'none'}")
+
+
+def verify(data: bytes, entry: ArtifactEntry, where: str) -> None:
+    """Raise IntegrityError unless `data` has the manifest entry's sha256 and size."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256 or len(data) != entry.bytes:
+        raise IntegrityError(f"{where} does not match its manifest (sha256 {digest[:12]}… != "
+                             f"{entry.sha256[:12]}…); refusing to use it")
+
+
+def read_artifact(store: Store, manifest: Manifest, variant: str = "best") -> bytes:
+    """An artifact's bytes, verified against the manifest's sha256 and size."""
+    entry = manifest.artifact(variant)
+    rel = f"{run_dir(manifest.run_id)}/{entry.path}"
+    data = store.read_bytes(rel)
+    verify(data, entry, store.uri(rel))
+    return data
+
+
+def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None = None) -> str:
+    """Download a run's artifact to `dest`, verifying sha256 first; returns the path written.
+
+    The bytes stream into a temp file next to `dest` while being hashed; only a match is
+    renamed into place. On a mismatch nothing is left at `dest`.
+    """
+    store = Store(store) if isinstance(store, str) else store
+    manifest = load_manifest(store, resolve(store, ref))
+    entry = manifest.artifact(variant)
+    dest = os.path.abspath(dest or f"{manifest.model}-{entry.variant}-{manifest.run_id}.pt")
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, f"{manifest.model}-{entry.variant}-{manifest.run_id}.pt")
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    rel = f"{run_dir(manifest.run_id)}/{entry.path}"
+    fd, tmp = tempfile.mkstemp(prefix=".quantlab-pull-", dir=os.path.dirname(dest))
+    try:
+        h = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out, store.open(rel) as src:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if h.hexdigest() != entry.sha256 or size != entry.bytes:
+            raise IntegrityError(
+                f"{store.uri(rel)} does not match run {manifest.run_id}'s manifest (sha256 "
+                f"{h.hexdigest()[:12]}… != {entry.sha256[:12]}…); refusing it, nothing written")
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_name(what: str, value: str) -> None:
+    if not re.fullmatch(_NAME, value or ""):
+        raise NotFoundError(f"{what} {value!r} is not a valid name (letters, digits, '.', '_', '-')")
+
+
+def _validate(model: type[BaseModel], data: Any, where: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "document"
+        raise IntegrityError(f"{where} is not a valid {model.__name__.lower()}: {loc}: "
+                             f"{first['msg']} ({e.error_count()} problems)") from None
+

@@ -1,0 +1,171 @@
+"""The comparison of a run: table rows, the variant chosen under the accuracy budget, a plot.
+
+    rows = comparison(results, latencies)          # one ResultRow per variant, float first
+    chosen = select(rows, max_accuracy_drop=1.0)   # fastest int8 variant within the budget
+    png = plot(rows, qat_epochs)                   # accuracy vs latency, QAT top-1 per epoch
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from quantlab.bench import Latency
+from quantlab.registry import Manifest, ResultRow, Selection
+
+
+def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[ResultRow]:
+    """Rows for float and every int8 variant; latency and speed-up at batch 1 (or the smallest).
+
+    `results` items carry variant, method, top1, top5, size_bytes (and optional float_layers).
+    """
+    smallest = min((lat.batch_size for lat in latencies), default=None)
+    lat = {x.variant: x.latency_ms for x in latencies if x.batch_size == smallest}
+    float_ms = lat.get("float")
+    rows = []
+    for r in results:
+        ms = lat.get(r["variant"])
+        rows.append(ResultRow(variant=r["variant"], method=r["method"], top1=r["top1"],
+                              top5=r["top5"], size_bytes=r["size_bytes"], latency_ms=ms,
+                              speedup=(float_ms / ms) if (ms and float_ms) else None,
+                              float_layers=r.get("float_layers", [])))
+    return sorted(rows, key=lambda row: ["float", "ptq", "qat"].index(row.method))  # stable
+
+
+def select(rows: Sequence[ResultRow], max_accuracy_drop: float) -> Selection:
+    """The fastest int8 variant (batch-1 latency) whose top-1 is within the budget of float.
+
+    If none is within budget, the most accurate int8 variant, marked as outside the budget.
+    """
+    float_row = next((r for r in rows if r.method == "float"), None)
+    candidates = [r for r in rows if r.method != "float"]
+    if float_row is None or not candidates:
+        raise ValueError("selection needs the float row and at least one int8 variant")
+    floor = float_row.top1 - max_accuracy_drop
+    within = [r for r in candidates if r.top1 >= floor]
+    if within:
+        best = min(within, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf"),
+                                          -r.top1))
+        return Selection(variant=best.variant, within_budget=True,
+                         reason=f"fastest variant within {max_accuracy_drop:g} top-1 points of "
+                                f"float ({best.top1:.2f} vs {float_row.top1:.2f}; "
+                                f"{_ms(best.latency_ms)} at batch 1)")
+    best = max(candidates, key=lambda r: r.top1)
+    return Selection(variant=best.variant, within_budget=False,
+                     reason=f"no variant within {max_accuracy_drop:g} top-1 points of float "
+                            f"({float_row.top1:.2f}); chose the most accurate ({best.top1:.2f})")
+
+
+def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "") -> Table:
+    """The comparison as a terminal table (the one `quantlab demo` prints)."""
+    table = Table(title=title or None)
+    for col, justify in [("variant", "left"), ("top-1 %", "right"), ("top-5 %", "right"),
+                         ("size MB", "right"), ("latency ms", "right"), ("speed-up", "right")]:
+        table.add_column(col, justify=justify)
+    for r in table_rows(rows, selected):
+        table.add_row(*[str(v) for v in r.values()])
+    return table
+
+
+def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str, str]]:
+    """Formatted rows (strings), shared by the terminal table, markdown and Prefect artifacts."""
+    out = []
+    for r in rows:
+        out.append({
+            "variant": r.variant + (" (selected)" if r.variant == selected else ""),
+            "top-1 %": f"{r.top1:.2f}",
+            "top-5 %": f"{r.top5:.2f}",
+            "size MB": f"{r.size_bytes / 1e6:.3f}",
+            "latency ms": _ms(r.latency_ms).removesuffix(" ms"),
+            "speed-up": f"{r.speedup:.2f}x" if r.speedup else "-",
+        })
+    return out
+
+
+def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r[h] for h in header) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[ResultRow], qat_epochs: Sequence[dict]) -> bytes:
+    """PNG: top-1 against batch-1 latency per variant, and the int8 top-1 of each QAT epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in rows:
+        if r.latency_ms is None:
+            continue
+        ax1.scatter(r.latency_ms, r.top1, s=60, marker="s" if r.method == "float" else "o")
+        ax1.annotate(r.variant, (r.latency_ms, r.top1), textcoords="offset points", xytext=(5, 5))
+    ax1.set_xlabel("latency, batch 1 (ms)")
+    ax1.set_ylabel("top-1 (%)")
+    ax1.set_title("accuracy against latency")
+    ax1.grid(alpha=0.3)
+    epochs = sorted(qat_epochs, key=lambda e: e["epoch"])
+    if epochs:
+        ax2.plot([e["epoch"] for e in epochs], [e["eval_top1"] for e in epochs], marker="o",
+                 label="int8 val top-1")
+        float_row = next((r for r in rows if r.method == "float"), None)
+        if float_row:
+            ax2.axhline(float_row.top1, color="gray", linestyle="--", label="float")
+        ax2.set_xticks([e["epoch"] for e in epochs])
+        ax2.legend()
+    ax2.set_xlabel("QAT epoch")
+    ax2.set_ylabel("top-1 (%)")
+    ax2.set_title("QAT: converted int8 model per epoch")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown_report(manifest: Manifest, links: dict[str, str]) -> str:
+    """The run's report: results, the choice and why, config, dataset, where artifacts live."""
+    rows = table_rows(manifest.results, manifest.selected.variant)
+    budget = "within" if manifest.selected.within_budget else "OUTSIDE"
+    lines = [
+        f"# quantlab run `{manifest.run_id}`",
+        "",
+        f"Model **{manifest.model}**, input {manifest.input_size}x{manifest.input_size}, "
+        f"finished {manifest.finished_at:%Y-%m-%d %H:%M:%S} UTC.",
+        "",
+        markdown_table(rows),
+        "",
+        f"**Selected: `{manifest.selected.variant}`** ({budget} the budget of "
+        f"{manifest.max_accuracy_drop:g} top-1 points): {manifest.selected.reason}.",
+        "",
+    ]
+    if "plot" in links:
+        lines += [f"![accuracy and latency]({links['plot']})", ""]
+    lines += ["## Artifacts", "", "| variant | sha256 | bytes | location |", "|---|---|---|---|"]
+    for a in manifest.artifacts:
+        lines.append(f"| {a.variant} | `{a.sha256[:16]}…` | {a.bytes:,} | "
+                     f"[{links.get(a.variant, a.path)}]({links.get(a.variant, a.path)}) |")
+    lines += ["", "## Dataset", "",
+              f"`{manifest.dataset.uri}`: {len(manifest.dataset.classes)} classes, "
+              f"{manifest.dataset.num_train} train / {manifest.dataset.num_val} val images, "
+              f"fingerprint `{manifest.dataset.fingerprint[:16]}…`", "",
+              "## Versions", "", ", ".join(f"{k} {v}" for k, v in manifest.versions.items()), "",
+              "## Config", "", "```json", _json(manifest.config), "```"]
+    return "\n".join(lines)
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+def _ms(ms: float | None) -> str:
+    return f"{ms:.3f} ms" if ms is not None else "-"

@@ -1,0 +1,320 @@
+"""The one module that touches fsspec: store roots, atomic writes, listings, bulk transfers.
+
+A store is a root URI: a local folder (the default), file://, memory:// (tests) or
+s3://bucket/prefix. Everything else in quantlab passes `str` paths relative to that root and
+bytes; backend exceptions are translated here into our own errors.
+
+    store = Store("s3://bucket/lab")                     # endpoint/credentials: see below
+    store.write_bytes("runs/r1/manifest.json", data)     # atomic: readers never see half a file
+    store.read_bytes("runs/r1/manifest.json")
+
+S3 endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...), from the non-secret
+`storage_options` of a config, and from QUANTLAB_STORAGE_OPTIONS (JSON; what
+`--storage-option key=value` sets, so that secrets reach torchrun workers through the
+environment, never through a config, a manifest or a command line).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from quantlab.errors import NotFoundError, StoreError
+
+log = logging.getLogger(__name__)
+ENV_OPTIONS = "QUANTLAB_STORAGE_OPTIONS"
+T = TypeVar("T")
+
+# Transient failures worth retrying: connection refused/reset while an endpoint restarts,
+# throttling and 5xx answers. Anything else (missing bucket, denied, bad key) fails at once.
+_TRANSIENT_MARKERS = ("connect", "timeout", "timed out", "slowdown", "slow down", "throttl",
+                      "service unavailable", "internal error", "503", "500", "reset by peer",
+                      "server disconnected", "broken pipe")
+_RETRY_DELAYS = (0.5, 1, 2, 4, 8)  # seconds; about 15 s in all, enough for an endpoint restart
+
+
+def env_storage_options() -> dict[str, Any]:
+    """Storage options from QUANTLAB_STORAGE_OPTIONS (a JSON object), or {}."""
+    raw = os.environ.get(ENV_OPTIONS)
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError:
+        raise StoreError(f"{ENV_OPTIONS} must be a JSON object of storage options") from None
+    if not isinstance(opts, dict):
+        raise StoreError(f"{ENV_OPTIONS} must be a JSON object of storage options")
+    return opts
+
+
+def resolve_options(uri: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge explicit storage options with the environment's, for the URI's protocol."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol not in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
+        return {}
+    merged = {**(options or {}), **env_storage_options()}
+    # s3fs names the endpoint inside client_kwargs; accept the flat spelling users expect.
+    if "endpoint_url" in merged and protocol in ("s3", "s3a"):
+        merged.setdefault("client_kwargs", {})
+        merged["client_kwargs"] = {**merged["client_kwargs"], "endpoint_url": merged.pop("endpoint_url")}
+    return merged
+
+
+def filesystem(uri: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a URI or local path."""
+    uri = normalize_uri(uri)
+    try:
+        return url_to_fs(uri, **resolve_options(uri, options))
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"cannot open {uri!r}: {e}") from None
+
+
+def normalize_uri(uri: str) -> str:
+    """Local paths become absolute; file:// is dropped; remote URIs lose a trailing slash."""
+    if not uri:
+        raise StoreError("empty store or data URI; give a local path, file://, memory:// or s3://")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri.rstrip("/")
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in normalize_uri(uri)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One stored file: its path relative to a listed prefix, size and content tag."""
+
+    relpath: str
+    size: int
+    etag: str  # S3 ETag, or size+mtime for local files, or "" where the backend has none
+
+
+class Store:
+    """A root URI and the handful of operations quantlab needs on it."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        self.root = normalize_uri(root)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self._base = filesystem(self.root, self.storage_options)
+        self.local = is_local(self.root)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    # -- paths -------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        """Backend path of a relative path (validated: no '..', not absolute)."""
+        return posixpath.join(self._base, check_relpath(rel)) if rel else self._base
+
+    def uri(self, rel: str = "") -> str:
+        """Full URI of a relative path, for people to read and other tools to open."""
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    # -- reads -------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self._call(f"check {self.uri(rel)}", lambda: self.fs.exists(self.path(rel)))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._call(f"read {self.uri(rel)}", lambda: self.fs.cat_file(self.path(rel)))
+
+    def read_json(self, rel: str) -> Any:
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise StoreError(f"{self.uri(rel)} is not valid JSON") from None
+
+    @contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        """A binary reader (streams large objects instead of holding them in memory)."""
+        f = self._call(f"open {self.uri(rel)}", lambda: self.fs.open(self.path(rel), "rb"))
+        with f:
+            yield f
+
+    def list_dir(self, rel: str) -> list[str]:
+        """Names directly below a folder ([] if it does not exist)."""
+        base = self.path(rel)
+
+        def ls() -> list[str]:
+            try:
+                entries = self.fs.ls(base, detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+            return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+        return self._call(f"list {self.uri(rel)}", ls)
+
+    def find(self, rel: str = "") -> list[FileInfo]:
+        """Every file below a prefix, in one recursive listing (paginated, not per folder)."""
+        return list_files(self.uri(rel), self.storage_options)
+
+    def arrow_filesystem(self):
+        """This store as a pyarrow filesystem (for pyarrow.dataset over the metric tables)."""
+        import pyarrow.fs as pafs
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    # -- writes ------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole object atomically: readers see the old content or the new, never half.
+
+        S3 and memory:// PUTs are atomic. Local files go to a unique temp name in the same
+        folder, then os.replace() commits them.
+        """
+        target = self.path(rel)
+        if self.local:
+            def write_local() -> None:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                # Hidden temp name: globs (*.parquet) and dataset discovery never pick it up.
+                tmp = os.path.join(os.path.dirname(target),
+                                   f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                finally:
+                    if os.path.exists(tmp):
+                        os.remove(tmp)
+            self._call(f"write {self.uri(rel)}", write_local)
+        else:
+            self._call(f"write {self.uri(rel)}", lambda: self.fs.pipe_file(target, data))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def write_many(self, files: dict[str, bytes]) -> None:
+        """Write many small objects concurrently (s3fs runs the PUTs in parallel)."""
+        if self.local:
+            for rel, data in files.items():
+                self.write_bytes(rel, data)
+            return
+        paths = {self.path(rel): data for rel, data in files.items()}
+        self._call(f"write {len(files)} files under {self.root}", lambda: self.fs.pipe(paths))
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        def rm() -> None:
+            try:
+                self.fs.rm(self.path(rel), recursive=recursive)
+            except FileNotFoundError:
+                pass
+        self._call(f"delete {self.uri(rel)}", rm)
+
+    def check_writable(self) -> None:
+        """Probe the store: reachable, bucket present, writable, credentials accepted."""
+        probe = f".quantlab-probe/{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"ok")
+        self.delete(probe)
+
+    # -- error translation and retries -------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        return call_with_retries(what, fn)
+
+
+def call_with_retries(what: str, fn: Callable[[], T]) -> T:
+    """Run a storage call; retry transient faults with backoff; translate the rest."""
+    for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
+        try:
+            return fn()
+        except (NotFoundError, StoreError):
+            raise
+        except FileNotFoundError as e:
+            missing = "bucket" if "bucket" in str(e).lower() else "object"
+            raise NotFoundError(f"cannot {what}: no such {missing}") from None
+        except PermissionError:
+            raise StoreError(f"cannot {what}: permission denied (check the credentials and the "
+                             "bucket policy)") from None
+        except Exception as e:  # botocore/aiohttp/OS errors: classify by message
+            text = f"{type(e).__name__}: {e}".lower()
+            if any(m in text for m in ("credential", "invalidaccesskeyid", "signaturedoesnotmatch",
+                                       "accessdenied", "forbidden", "403")):
+                raise StoreError(f"cannot {what}: credentials were missing or rejected "
+                                 f"({type(e).__name__})") from None
+            if delay is None or not any(m in text for m in _TRANSIENT_MARKERS):
+                if any(m in text for m in _TRANSIENT_MARKERS):
+                    raise StoreError(f"cannot {what}: the store did not answer after "
+                                     f"{attempt + 1} attempts ({type(e).__name__})") from None
+                raise StoreError(f"cannot {what}: {type(e).__name__}: {_first_line(e)}") from None
+            log.warning("storage error on %s (%s); retry %d in %.1fs", what, type(e).__name__,
+                        attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def check_relpath(rel: str) -> str:
+    """A relative POSIX path without '..' or a leading '/' (no escaping the root)."""
+    norm = posixpath.normpath(rel)
+    if rel.startswith("/") or norm == ".." or norm.startswith("../") or "\\" in rel:
+        raise StoreError(f"path {rel!r} escapes the store root")
+    return norm
+
+
+def read_uri(uri: str, options: dict[str, Any] | None = None) -> bytes:
+    """Bytes of one object given by a full URI or local path (e.g. a float checkpoint)."""
+    fs, path = filesystem(uri, options)
+    return call_with_retries(f"read {uri}", lambda: fs.cat_file(path))
+
+
+def list_files(uri: str, options: dict[str, Any] | None = None) -> list[FileInfo]:
+    """Every file below a URI with size and content tag, from one recursive listing."""
+    fs, base = filesystem(uri, options)
+
+    def find() -> dict[str, dict]:
+        return fs.find(base, detail=True)
+    entries = call_with_retries(f"list {uri}", find)
+    out = []
+    for path, info in entries.items():
+        if info.get("type", "file") != "file":
+            continue
+        rel = posixpath.relpath(path, base) if path != base else posixpath.basename(path)
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        if not etag and "mtime" in info:
+            etag = f"{info['size']}-{float(info['mtime']):.6f}"
+        out.append(FileInfo(rel, int(info.get("size") or 0), etag))
+    return sorted(out, key=lambda f: f.relpath)
+
+
+def download(uri: str, relpaths: list[str], local_dir: str,
+             options: dict[str, Any] | None = None, batch_size: int = 128,
+             on_progress: Callable[[int], None] | None = None) -> None:
+    """Copy files below `uri` into `local_dir` concurrently, in chunks (s3fs async gets).
+
+    Each chunk is one `fs.get` of many files, which s3fs runs `batch_size` at a time over its
+    async client; `on_progress(n)` reports files done after each chunk.
+    """
+    fs, base = filesystem(uri, options)
+    chunk = max(batch_size * 8, 1)
+    for i in range(0, len(relpaths), chunk):
+        part = relpaths[i:i + chunk]
+        remote = [posixpath.join(base, r) for r in part]
+        local = [os.path.join(local_dir, *r.split("/")) for r in part]
+        for d in {os.path.dirname(p) for p in local}:
+            os.makedirs(d, exist_ok=True)
+        if fs.async_impl:
+            call_with_retries(f"download from {uri}",
+                              lambda: fs.get(remote, local, batch_size=batch_size))
+        else:
+            for r, lp in zip(remote, local):
+                call_with_retries(f"download {r}", lambda r=r, lp=lp: fs.get_file(r, lp))
+        if on_progress:
+            on_progress(len(part))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""

@@ -1,0 +1,31 @@
+"""Tasks of the demo flow: seed the digits dataset, train the float baseline once."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from quantlab import demo
+from quantlab.store import Store
+from tasks.stages import IO_RETRIES
+
+
+@task(name="seed-demo-data", cache_policy=NO_CACHE, tags=["quantlab", "demo", "store"], **IO_RETRIES)
+def seed_demo_data(store: str) -> str:
+    """Write scikit-learn's digits into the store as an ImageFolder (once)."""
+    uri, written = demo.seed(Store(store))
+    get_run_logger().info("%s digits dataset at %s", "seeded" if written else "reusing", uri)
+    return uri
+
+
+@task(name="train-baseline", cache_policy=NO_CACHE, tags=["quantlab", "demo", "train"])
+def train_baseline(store: str, data_uri: str, cache_dir: str) -> str:
+    """Train the float MobileNetV2 on the digits once; returns the checkpoint URI."""
+    logger = get_run_logger()
+    uri, trained = demo.train_baseline(
+        Store(store), data_uri, cache_dir,
+        on_epoch=lambda e, stats, top1: logger.info(
+            "baseline epoch %d: loss %.3f, val top-1 %.2f", e, stats.loss, top1))
+    logger.info("%s float baseline %s", "trained" if trained else "reusing", uri)
+    return uri

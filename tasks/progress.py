@@ -1,0 +1,35 @@
+"""A keyed Prefect progress artifact that advances through the stages and the QAT epochs."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+# (stage, share of the run in percent): QAT dominates a real run.
+STAGES = [("validate", 2), ("stage", 8), ("float", 5), ("ptq", 15), ("qat", 50),
+          ("qat-export", 5), ("benchmark", 10), ("report", 5)]
+
+
+class Progress:
+    """Progress of one flow run, shown on the run's page and on the Artifacts page."""
+
+    def __init__(self, key: str = "quantlab-progress", run_label: str = ""):
+        self.key = key
+        self.artifact_id: UUID = create_progress_artifact(
+            progress=0.0, key=key, description=f"quantize {run_label}".strip())
+        self.percent = 0.0
+
+    def _set(self, percent: float, description: str) -> None:
+        self.percent = max(self.percent, min(100.0, percent))
+        update_progress_artifact(self.artifact_id, progress=self.percent, description=description)
+
+    def done(self, stage: str) -> None:
+        """Mark a stage (and all before it) complete."""
+        names = [s for s, _ in STAGES]
+        total = sum(share for _, share in STAGES[:names.index(stage) + 1])
+        self._set(total, f"{stage} done")
+
+    def qat_epoch(self, epoch: int, epochs: int) -> None:
+        before = sum(share for s, share in STAGES[:[s for s, _ in STAGES].index("qat")])
+        self._set(before + 50 * epoch / epochs, f"QAT epoch {epoch}/{epochs} done")

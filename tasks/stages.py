@@ -1,0 +1,131 @@
+"""The `quantize` pipeline's stages as Prefect tasks, one per quantlab.pipeline step.
+
+Tasks pass small records (URIs, run ids, metric rows); never tensors or modules. I/O tasks
+retry with backoff; deterministic compute does not (a retry would fail the same way).
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from quantlab import pipeline, qat, registry, report
+from quantlab.bench import Latency
+from quantlab.config import RunConfig, VariantConfig
+from quantlab.data import StagedData
+from quantlab.evaluate import EvalResult
+from quantlab.pipeline import RunInfo, VariantResult
+from quantlab.registry import ArtifactEntry, Manifest
+from tasks.progress import Progress
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+                  retry_jitter_factor=0.5)
+
+
+@task(name="preflight", cache_policy=NO_CACHE, tags=["quantlab", "validate"])
+def preflight(config: RunConfig) -> int:
+    """Validate config, store, dataset layout and checkpoint; returns num_classes."""
+    return pipeline.preflight(config)
+
+
+@task(name="start-run", cache_policy=NO_CACHE, tags=["quantlab", "store"], **IO_RETRIES)
+def start_run(config: RunConfig) -> RunInfo:
+    """Create (or resume) the run folder in the store."""
+    run = pipeline.start_run(config)
+    get_run_logger().info("run %s in %s%s", run.run_id, config.store,
+                          " (resumed)" if run.resumed else "")
+    return run
+
+
+@task(name="stage-data", cache_policy=NO_CACHE, tags=["quantlab", "stage"], **IO_RETRIES)
+def stage_data(config: RunConfig) -> StagedData:
+    """Bring the dataset into the local cache, verified."""
+    logger = get_run_logger()
+    staged = pipeline.stage(config, on_progress=lambda done, total: logger.info(
+        "staged %d/%d files", done, total))
+    logger.info("dataset %s: %d classes, %d train / %d val images, fingerprint %s "
+                "(%d files downloaded, %.1fs)", staged.uri, len(staged.classes), staged.num_train,
+                staged.num_val, staged.fingerprint[:12], staged.staged_files, staged.seconds)
+    return staged
+
+
+@task(name="evaluate-float", cache_policy=NO_CACHE, tags=["quantlab", "evaluate"])
+def evaluate_float(config: RunConfig, staged: StagedData) -> EvalResult:
+    """Top-1/top-5/loss of the float checkpoint."""
+    result = pipeline.evaluate_float(config, staged)
+    get_run_logger().info("float: top-1 %.2f, top-5 %.2f", result.top1, result.top5)
+    return result
+
+
+@task(name="export-float", cache_policy=NO_CACHE, tags=["quantlab", "export"])
+def export_float(config: RunConfig, staged: StagedData, run: RunInfo,
+                 float_eval: EvalResult) -> VariantResult:
+    """Script and store the fused float model (the benchmark's reference)."""
+    return pipeline.export_float(config, staged, run, float_eval)
+
+
+@task(name="ptq", task_run_name="ptq-{variant.name}", cache_policy=NO_CACHE,
+      tags=["quantlab", "ptq"])
+def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
+                variant: VariantConfig) -> VariantResult:
+    """One PTQ variant: prepare, calibrate, convert, evaluate, script, store."""
+    result = pipeline.ptq_variant(config, staged, run, variant)
+    get_run_logger().info("%s: top-1 %.2f, top-5 %.2f, %d bytes", variant.name, result.eval.top1,
+                          result.eval.top5, result.artifact.bytes)
+    return result
+
+
+@task(name="qat-train", cache_policy=NO_CACHE, tags=["quantlab", "qat"])
+def train_qat(config: RunConfig, staged: StagedData, run: RunInfo, num_classes: int,
+              progress: Progress | None = None) -> list[dict]:
+    """Multi-epoch QAT on torch.distributed (gloo) workers; their output goes to this log."""
+    logger = get_run_logger()
+
+    def on_line(line: str) -> None:
+        event = qat.parse_event(line)
+        if event is None:
+            logger.info(line)
+        elif event["event"] == "epoch" and progress is not None:
+            progress.qat_epoch(event["epoch"], config.qat.epochs)
+
+    return pipeline.train_qat(config, staged, run, num_classes, on_line=on_line)
+
+
+@task(name="qat-export", cache_policy=NO_CACHE, tags=["quantlab", "qat", "export"])
+def export_qat(config: RunConfig, staged: StagedData, run: RunInfo,
+               num_classes: int) -> VariantResult:
+    """Convert the final QAT checkpoint to int8, evaluate, script, store."""
+    result = pipeline.export_qat(config, staged, run, num_classes)
+    get_run_logger().info("%s: top-1 %.2f, top-5 %.2f, %d bytes", result.variant, result.eval.top1,
+                          result.eval.top5, result.artifact.bytes)
+    return result
+
+
+@task(name="benchmark", cache_policy=NO_CACHE, tags=["quantlab", "bench"])
+def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
+    """Time float and every int8 artifact side by side."""
+    rows = pipeline.benchmark(config, run, artifacts)
+    for r in rows:
+        get_run_logger().info("%s batch %d: %.3f ms (p90 %.3f), %.0f img/s", r.variant,
+                              r.batch_size, r.latency_ms, r.latency_ms_p90, r.images_per_sec)
+    return rows
+
+
+@task(name="report", cache_policy=NO_CACHE, tags=["quantlab", "report", "store"], **IO_RETRIES)
+def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
+             latencies: list[Latency], epochs: list[dict]) -> Manifest:
+    """Select, report, write the manifest (last) and move the aliases; publish UI artifacts."""
+    manifest = pipeline.finalize(config, run, staged, results, latencies, epochs)
+    rows = report.table_rows(manifest.results, manifest.selected.variant)
+    create_table_artifact(key="quantlab-comparison", table=rows,
+                          description=f"run {run.run_id}: {manifest.model}, selected "
+                                      f"{manifest.selected.variant}")
+    markdown = pipeline.store_of(config).read_bytes(
+        f"{registry.run_dir(run.run_id)}/{manifest.report['markdown']}").decode()
+    create_markdown_artifact(key="quantlab-report", markdown=markdown,
+                             description=f"run {run.run_id}")
+    get_run_logger().info("selected %s: %s", manifest.selected.variant, manifest.selected.reason)
+    return manifest

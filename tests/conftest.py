@@ -1,0 +1,165 @@
+"""Shared fixtures: tiny real data, tiny models, a real S3 endpoint, a real Prefect API.
+
+- `s3_endpoint`: moto's standalone server on a free loopback port, started by the session (the
+  way s3fs tests itself); `s3_bucket` gives each test a fresh bucket with AWS_* set.
+- `store_uri`: the same test against a local folder, memory:// and S3.
+- `tiny_dataset` / `tiny_checkpoint` / `tiny_config`: a 3-class ImageFolder of 16x16 PNGs and a
+  width-0.25 MobileNetV2 trained on it for a few seconds.
+- `prefect`: a session-wide `prefect_test_harness` (a real, temporary Prefect API).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quantlab.config import BenchConfig, DataConfig, ModelConfig, QATConfig, RunConfig, TransformConfig
+
+TINY_CLASSES = ("circle", "cross", "square")
+TINY_TRANSFORMS = TransformConfig(input_size=32, resize_size=32, mean=(0.5, 0.5, 0.5),
+                                  std=(0.25, 0.25, 0.25), train_crop_scale=(0.8, 1.0), hflip=False)
+
+
+def pytest_configure(config):
+    """pytest resets warning filters per test: give it quantlab's deliberate ones."""
+    from quantlab._deprecations import SILENCED
+
+    for category, message in SILENCED:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- S3 ----------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server for the whole session (real HTTP, real botocore/s3fs clients)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket; AWS_ENDPOINT_URL and test credentials in the environment."""
+    import boto3
+    import s3fs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield bucket
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store_uri(request, tmp_path):
+    """The same storage test against every backend."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    if request.param == "memory":
+        return f"memory://quantlab-{uuid.uuid4().hex[:8]}"
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/lab"
+
+
+# -- tiny data and models -------------------------------------------------------------------
+def _shape_image(kind: str, rng: np.random.Generator, size: int = 16) -> bytes:
+    img = np.full((size, size, 3), rng.integers(0, 40), dtype=np.uint8)
+    c, r = size // 2 + rng.integers(-2, 3), int(rng.integers(4, 7))
+    yy, xx = np.mgrid[:size, :size]
+    if kind == "circle":
+        mask = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
+    elif kind == "cross":
+        mask = (abs(yy - c) <= 1) | (abs(xx - c) <= 1)
+    else:
+        mask = (abs(yy - c) <= r) & (abs(xx - c) <= r) & ~((abs(yy - c) < r - 1) & (abs(xx - c) < r - 1))
+    img[mask] = rng.integers(180, 255, size=3)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiny_dataset(root: str, per_class: tuple[int, int] = (24, 8), seed: int = 0) -> str:
+    """A 3-class ImageFolder (train/ and val/) of 16x16 PNG shapes under `root`."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for cls in TINY_CLASSES:
+            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
+            for i in range(n):
+                with open(os.path.join(root, split, cls, f"{i:03d}.png"), "wb") as f:
+                    f.write(_shape_image(cls, rng))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("data") / "shapes"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_dataset) -> str:
+    """A width-0.25 MobileNetV2 state_dict trained for a few epochs on the tiny shapes."""
+    from quantlab import data, models
+    from quantlab.train import train_one_epoch
+
+    torch.manual_seed(0)
+    staged = data.stage(tiny_dataset, str(tmp_path_factory.mktemp("cache")))
+    cfg = DataConfig(uri=tiny_dataset, batch_size=8, transforms=TINY_TRANSFORMS)
+    model = models.build("mobilenet_v2", num_classes=3, width_mult=0.25)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    loader = data.loader(staged, cfg, "train", train=True)
+    for _ in range(4):
+        train_one_epoch(model, loader, optimizer)
+    path = str(tmp_path_factory.mktemp("ckpt") / "float.pth")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def make_config(data_uri: str, checkpoint: str, store: str, cache_dir: str, **overrides) -> RunConfig:
+    """A run config sized for tests: tiny inputs, 2 calibration batches, 1 QAT epoch on 2 workers."""
+    base = RunConfig(
+        model=ModelConfig(name="mobilenet_v2", checkpoint=checkpoint, kwargs={"width_mult": 0.25}),
+        data=DataConfig(uri=data_uri, batch_size=8, eval_batch_size=16, transforms=TINY_TRANSFORMS),
+        store=store, cache_dir=cache_dir,
+        variants=[{**p.model_dump(), "num_calibration_batches": 2}
+                  for p in RunConfig.model_fields["variants"].default],
+        qat=QATConfig(epochs=1, freeze_bn_after=1, freeze_observers_after=1, lr=1e-3,
+                      world_size=2, threads_per_worker=1, max_restarts=0),
+        bench=BenchConfig(num_threads=1, batch_sizes=(1, 4), warmup=1, iterations=5),
+    )
+    return base.model_copy(update=overrides)
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset, tiny_checkpoint, tmp_path) -> RunConfig:
+    return make_config(tiny_dataset, tiny_checkpoint, str(tmp_path / "store"), str(tmp_path / "cache"))
+
+
+# -- Prefect --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def prefect():
+    """A real temporary Prefect API (SQLite) for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

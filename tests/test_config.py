@@ -1,0 +1,61 @@
+"""RunConfig: the tutorial's defaults, presets, and clear errors for bad values."""
+
+import pytest
+
+from quantlab.config import PTQ_PRESETS, load_config, parse_config
+from quantlab.errors import ConfigError
+
+BASE = {"model": {"checkpoint": "float.pth"}, "data": {"uri": "data/"}}
+
+
+def test_defaults_follow_the_tutorial():
+    cfg = parse_config(BASE)
+    assert [v.name for v in cfg.variants] == ["ptq-minmax", "ptq-x86"]
+    assert all(v.num_calibration_batches == 32 for v in cfg.variants)
+    assert (cfg.qat.epochs, cfg.qat.freeze_bn_after, cfg.qat.freeze_observers_after) == (8, 4, 5)
+    assert cfg.qat.name == "qat-x86" and cfg.qat.world_size == 2
+    t = cfg.data.transforms
+    assert (t.input_size, t.eval_resize) == (224, 256)
+
+
+def test_variants_by_preset_name_or_mapping():
+    cfg = parse_config({**BASE, "variants": ["ptq-x86", {"name": "onednn-minmax", "engine": "onednn",
+                                                         "activation_observer": "minmax",
+                                                         "num_calibration_batches": 4}]})
+    assert cfg.variants[0] == PTQ_PRESETS["ptq-x86"]
+    assert cfg.variants[1].engine == "onednn" and cfg.variants[1].num_calibration_batches == 4
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"model": {"name": "vgg16", "checkpoint": "x"}}, "unknown model 'vgg16'; valid: mobilenet_v2"),
+    ({"variants": ["ptq-fast"]}, "unknown variant 'ptq-fast'; presets: ptq-minmax, ptq-x86"),
+    ({"variants": [{"name": "v", "engine": "tpu"}]}, "unknown engine 'tpu'; valid: x86, fbgemm"),
+    ({"qat": {"epochs": 0}}, "qat.epochs"),
+    ({"qat": {"epochs": 3, "freeze_bn_after": 5}}, "freeze_bn_after=5 is beyond the run's 3 epochs"),
+    ({"qat": {"world_size": 0}}, "qat.world_size"),
+    ({"data": {"uri": "d", "batch_size": 0}}, "data.batch_size"),
+    ({"storage_options": {"secret": "hunter2"}}, "must not hold credentials (secret)"),
+    ({"bogus": 1}, "bogus: unknown setting"),
+])
+def test_bad_values_name_the_value_and_the_valid_ones(patch, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, **patch})
+    assert needle in str(e.value)
+    assert "hunter2" not in str(e.value)
+
+
+def test_yaml_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {name: resnet18, checkpoint: r18.pth}\ndata: {uri: /data}\n"
+                    "qat: {epochs: 4, freeze_bn_after: 2, freeze_observers_after: 3}\n")
+    cfg = load_config(str(path), {"qat.epochs": 5, "store": "s3://b/p", "model.name": None})
+    assert cfg.model.name == "resnet18" and cfg.qat.epochs == 5 and cfg.store == "s3://b/p"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_variant_names_are_unique():
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config({**BASE, "variants": ["ptq-x86", "ptq-x86"]})
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config({**BASE, "qat": {"name": "ptq-x86"}})

@@ -1,0 +1,87 @@
+"""The whole `quantize` flow end to end under a real Prefect API: tiny data, 2 gloo workers."""
+
+import json
+
+import pytest
+import torch
+
+from quantlab import metrics, registry
+from quantlab.store import Store
+from tests.conftest import make_config
+
+
+@pytest.fixture(scope="session")
+def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
+    """One complete flow run, shared by the flow, registry and CLI tests."""
+    from flows.quantize import quantize
+
+    tmp = tmp_path_factory.mktemp("flowrun")
+    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"))
+    return cfg, quantize(cfg)
+
+
+def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
+    cfg, result = completed_run
+    store = Store(cfg.store)
+    m = registry.load_manifest(store, result["run_id"])
+    assert m.status == "succeeded" and m.input_size == 32
+    assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
+    for a in m.artifacts:
+        registry.read_artifact(store, m, a.variant)  # sha256 matches
+    assert {"torch", "torchvision", "quantlab"} <= set(m.versions)
+    assert m.dataset.fingerprint and m.config["data"]["transforms"]["input_size"] == 32
+    assert m.selected.variant in {"ptq-minmax", "ptq-x86", "qat-x86"}
+    by_variant = {r.variant: r for r in m.results}
+    assert by_variant["float"].speedup == pytest.approx(1.0)
+    assert all(r.latency_ms > 0 for r in m.results)
+    for table, expected in [("evaluations", 4), ("benchmarks", 8), ("qat_epochs", 1)]:
+        assert len(metrics.read_rows(store, table, result["run_id"])) == expected, table
+    assert store.exists(f"runs/{m.run_id}/report/comparison.png")
+    assert "Selected" in store.read_bytes(f"runs/{m.run_id}/report/report.md").decode()
+    for alias in ("latest", "best", "latest-mobilenet_v2", "best-mobilenet_v2"):
+        assert registry.resolve(store, alias) == m.run_id
+    assert registry.read_alias(store, "best").variant == m.selected.variant
+
+
+def test_flow_publishes_keyed_artifacts(completed_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, result = completed_run
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"])))
+    by_key = {a.key: a for a in arts}
+    assert set(by_key) == {"quantlab-comparison", "quantlab-report", "quantlab-progress"}
+    table = by_key["quantlab-comparison"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [r["variant"].split(" ")[0] for r in table] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
+    assert float(by_key["quantlab-progress"].data) == 100.0
+    assert result["run_id"] in by_key["quantlab-report"].data
+
+
+def test_pull_verifies_and_refuses_tampered_artifacts(completed_run, tmp_path):
+    cfg, result = completed_run
+    store = Store(cfg.store)
+    dest = registry.pull(cfg.store, "latest", variant="best", dest=str(tmp_path / "m.pt"))
+    torch.jit.load(dest)(torch.randn(1, 3, 32, 32))
+    m = registry.load_manifest(store, result["run_id"])
+    entry = m.artifact("ptq-minmax")
+    rel = f"runs/{m.run_id}/{entry.path}"
+    original = store.read_bytes(rel)
+    try:
+        store.write_bytes(rel, original[:-10] + b"0123456789")
+        with pytest.raises(registry.IntegrityError, match="does not match"):
+            registry.pull(cfg.store, m.run_id, variant="ptq-minmax", dest=str(tmp_path / "bad.pt"))
+        assert not (tmp_path / "bad.pt").exists()
+        assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    finally:
+        store.write_bytes(rel, original)
+
+
+def test_unknown_refs_and_variants_are_named(completed_run):
+    cfg, result = completed_run
+    with pytest.raises(registry.NotFoundError, match="neither a complete run nor an alias"):
+        registry.pull(cfg.store, "nope")
+    with pytest.raises(registry.NotFoundError, match="no variant 'ptq-y'; valid: best, float"):
+        registry.pull(cfg.store, result["run_id"], variant="ptq-y")

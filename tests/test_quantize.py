@@ -1,0 +1,101 @@
+"""PTQ, QAT and export on tiny models: the quantlab stages without Prefect."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.ao.quantization as tq
+
+from quantlab import export, metrics, pipeline, qat
+from quantlab.backend import check_engine, get_backend, qconfig_for
+from quantlab.config import PTQ_PRESETS
+from quantlab.errors import ConfigError
+from quantlab.store import Store
+
+
+def _observers(qconfig):
+    a, w = qconfig.activation(), qconfig.weight()
+    return (type(a), a.quant_min, a.quant_max, a.qscheme, type(w), w.dtype, w.qscheme)
+
+
+def test_presets_are_the_tutorials_qconfigs():
+    assert _observers(qconfig_for(PTQ_PRESETS["ptq-minmax"])) == _observers(tq.default_qconfig)
+    assert _observers(qconfig_for(PTQ_PRESETS["ptq-x86"])) == _observers(tq.get_default_qconfig("x86"))
+
+
+def test_unsupported_engine_is_refused(monkeypatch):
+    monkeypatch.setattr("quantlab.backend.supported_engines", lambda: ["x86", "none"])
+    with pytest.raises(ConfigError, match="engine 'qnnpack' is not supported here; valid: x86"):
+        check_engine("qnnpack")
+
+
+@pytest.fixture
+def run_ctx(tiny_config):
+    num_classes = pipeline.preflight(tiny_config)
+    run = pipeline.start_run(tiny_config)
+    staged = pipeline.stage(tiny_config)
+    return tiny_config, run, staged, num_classes
+
+
+def test_ptq_variants_convert_evaluate_and_store(run_ctx):
+    cfg, run, staged, _ = run_ctx
+    float_eval = pipeline.evaluate_float(cfg, staged)
+    assert float_eval.num_images == staged.num_val == 24
+    f = pipeline.export_float(cfg, staged, run, float_eval)
+    for variant in cfg.variants:
+        r = pipeline.ptq_variant(cfg, staged, run, variant)
+        assert r.method == "ptq" and 0 <= r.eval.top1 <= 100 and r.eval.num_images == 24
+        assert r.artifact.bytes < 0.5 * f.artifact.bytes  # int8 weights: about 4x smaller
+        module = pipeline.load_artifact(cfg, run.run_id, r.artifact)
+        names = {m.original_name for m in module.modules()}
+        assert {"Quantize", "DeQuantize", "QFunctional", "LinearPackedParams"} <= names
+    rows = metrics.read_rows(Store(cfg.store), "evaluations", run.run_id)
+    assert sorted(r["variant"] for r in rows) == ["float", "ptq-minmax", "ptq-x86"]
+    assert {r["method"] for r in rows} == {"float", "ptq"}
+
+
+def test_int8_artifact_runs_with_plain_torch_jit_load(run_ctx, tmp_path):
+    cfg, run, staged, _ = run_ctx
+    r = pipeline.ptq_variant(cfg, staged, run, cfg.variants[1])
+    path = tmp_path / "model.pt"
+    path.write_bytes(Store(cfg.store).read_bytes(f"runs/{run.run_id}/{r.artifact.path}"))
+    code = ("import sys, torch; m = torch.jit.load(sys.argv[1]); "
+            "y = m(torch.randn(2, 3, 32, 32)); assert y.shape == (2, 3), y.shape; "
+            "assert 'quantlab' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_qat_on_two_gloo_workers_then_export(run_ctx):
+    cfg, run, staged, num_classes = run_ctx
+    cfg = cfg.model_copy(update={"qat": cfg.qat.model_copy(update={
+        "epochs": 2, "freeze_bn_after": 1, "freeze_observers_after": 2, "max_train_batches": 2})})
+    lines = []
+    rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=lines.append)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [(r["bn_frozen"], r["observer_frozen"]) for r in rows] == [(True, False), (True, True)]
+    assert all(r["world_size"] == 2 and r["images_per_sec"] > 0 for r in rows)
+    # 2 workers x 2 batches x 8 images, each rank on its own shard
+    assert any("[rank 0/2] epoch 1/2" in line for line in lines)
+    assert any(qat.parse_event(line) for line in lines)
+    store = Store(cfg.store)
+    assert qat.latest_checkpoint(store, run.run_id) == 2
+    ckpt = qat.load_checkpoint(store, run.run_id, 2)
+    assert ckpt["epoch"] == 2 and ckpt["observers_frozen"] and len(ckpt["rng_states"]) == 2
+    result = pipeline.export_qat(cfg, staged, run, num_classes)
+    assert result.method == "qat" and result.eval.num_images == 24
+    # A re-launch of a finished run resumes past the last epoch: nothing is retrained.
+    again = pipeline.train_qat(cfg, staged, run, num_classes, on_line=lines.append)
+    assert [r["epoch"] for r in again] == [1, 2]
+    assert any("all 2 epochs are already done" in line for line in lines)
+
+
+def test_converted_model_is_a_copy(tiny_config, tiny_dataset):
+    model = qat.build_qat_model(tiny_config, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = get_backend().convert(model, "x86")
+    assert int8 is not model
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    export.load(export.to_bytes(export.script(int8)), engine="x86")

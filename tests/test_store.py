@@ -1,0 +1,152 @@
+"""The store, metric tables and data staging, against a local folder, memory:// and S3."""
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from quantlab import data, metrics
+from quantlab.errors import DataError, NotFoundError, StoreError
+from quantlab.store import Store, list_files
+from tests.conftest import write_tiny_dataset
+
+RUN_DATE = metrics.now()
+
+
+def test_bytes_json_listing_and_delete(store_uri):
+    store = Store(store_uri)
+    store.write_bytes("a/b/c.bin", b"\x00\x01")
+    store.write_json("a/x.json", {"k": 1})
+    assert store.read_bytes("a/b/c.bin") == b"\x00\x01"
+    assert store.read_json("a/x.json") == {"k": 1}
+    assert store.exists("a/x.json") and not store.exists("a/y.json")
+    assert store.list_dir("a") == ["b", "x.json"]
+    assert store.list_dir("nothing-here") == []
+    assert [f.relpath for f in store.find("a")] == ["b/c.bin", "x.json"]
+    store.write_bytes("a/x.json", b"{}")  # overwrite in place
+    assert store.read_json("a/x.json") == {}
+    store.delete("a", recursive=True)
+    assert not store.exists("a/x.json")
+
+
+def test_missing_object_is_a_clear_error(store_uri):
+    with pytest.raises(NotFoundError, match="no such"):
+        Store(store_uri).read_bytes("runs/none/manifest.json")
+
+
+def test_paths_cannot_escape_the_root(store_uri):
+    with pytest.raises(StoreError, match="escapes the store root"):
+        Store(store_uri).read_bytes("../outside")
+
+
+def test_local_writes_leave_no_temp_files(tmp_path):
+    store = Store(str(tmp_path))
+    for i in range(3):
+        store.write_bytes("m/f.bin", bytes([i]) * 100)
+    assert os.listdir(tmp_path / "m") == ["f.bin"]
+
+
+def test_metric_tables_are_append_only_and_readable(store_uri):
+    store = Store(store_uri)
+    row = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",
+           "backend": "eager", "engine": "", "top1": 71.9, "top5": 90.3, "loss": 1.1,
+           "num_images": 50000, "size_bytes": 14_000_000}
+    metrics.write_rows(store, "evaluations", [row], "r1", "float", RUN_DATE)
+    metrics.write_rows(store, "evaluations", [{**row, "run_id": "r2"}], "r2", "float", RUN_DATE)
+    metrics.write_rows(store, "evaluations", [{**row, "top1": 72.0}], "r1", "float", RUN_DATE)  # retry
+    rows = metrics.read_rows(store, "evaluations")
+    assert sorted((r["run_id"], r["top1"]) for r in rows) == [("r1", 72.0), ("r2", 71.9)]
+    assert rows[0]["date"] == f"{RUN_DATE:%Y-%m-%d}"
+    assert [r["run_id"] for r in metrics.read_rows(store, "evaluations", "r2")] == ["r2"]
+    with pytest.raises(ValueError, match="missing"):
+        metrics.write_rows(store, "evaluations", [{"run_id": "r3"}], "r3", "x", RUN_DATE)
+
+
+def test_metric_tables_read_by_plain_pyarrow_and_duckdb(tmp_path):
+    duckdb = pytest.importorskip("duckdb")
+    store = Store(str(tmp_path))
+    row = {"run_id": "r1", "epoch": 1, "world_size": 2, "train_loss": 0.5, "train_top1": 80.0,
+           "eval_top1": 79.0, "eval_top5": 95.0, "observer_frozen": False, "bn_frozen": True,
+           "lr": 1e-4, "seconds": 3.0, "images_per_sec": 100.0}
+    metrics.write_rows(store, "qat_epochs", [row], "r1", "epoch-0001", RUN_DATE)
+    table = pq.read_table(str(tmp_path / "metrics" / "qat_epochs"))
+    assert table.column("eval_top1").to_pylist() == [79.0]
+    n = duckdb.sql(f"select count(*) from read_parquet('{tmp_path}/metrics/qat_epochs/**/*.parquet', "
+                   "hive_partitioning=true)").fetchall()[0][0]
+    assert n == 1
+
+
+def _upload_dataset(store_uri, tmp_path) -> str:
+    local = write_tiny_dataset(str(tmp_path / "src"), per_class=(4, 2))
+    store = Store(store_uri)
+    files = {}
+    for root, _, names in os.walk(local):
+        for name in names:
+            full = os.path.join(root, name)
+            files["datasets/shapes/" + os.path.relpath(full, local)] = open(full, "rb").read()
+    store.write_many(files)
+    return store.uri("datasets/shapes")
+
+
+def test_stage_downloads_once_and_resumes(store_uri, tmp_path):
+    uri = _upload_dataset(store_uri, tmp_path)
+    cache = str(tmp_path / "cache")
+    first = data.stage(uri, cache)
+    assert (first.num_train, first.num_val, first.classes) == (12, 6, ["circle", "cross", "square"])
+    remote = not uri.startswith("/")
+    assert first.staged_files == (18 if remote else 0)
+    again = data.stage(uri, cache)
+    assert again.staged_files == 0 and again.fingerprint == first.fingerprint
+    if remote:  # an interrupted copy: one file missing, one truncated, no completion marker
+        os.remove(os.path.join(first.local_path, "train", "cross", "000.png"))
+        with open(os.path.join(first.local_path, "val", "circle", "001.png"), "wb") as f:
+            f.write(b"trunc")
+        os.remove(os.path.join(first.local_path, data.STAGED_MARKER))
+        resumed = data.stage(uri, cache)
+        assert resumed.staged_files == 2 and resumed.fingerprint == first.fingerprint
+
+
+def test_fingerprint_changes_with_content(store_uri, tmp_path):
+    uri = _upload_dataset(store_uri, tmp_path)
+    before = data.fingerprint(list_files(uri))
+    Store(uri).write_bytes("val/cross/extra.png", b"not really a png")
+    assert data.fingerprint(list_files(uri)) != before
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda root: None, "is missing or empty"),
+    (lambda root: write_tiny_dataset(root, per_class=(2, 0)), "has no images under val/"),
+])
+def test_bad_layouts_are_named(tmp_path, mutate, needle):
+    root = str(tmp_path / "ds")
+    os.makedirs(root)
+    mutate(root)
+    with pytest.raises(DataError, match=needle):
+        data.stage(root, str(tmp_path / "cache"))
+
+
+def test_classes_must_match_between_splits(tmp_path):
+    root = write_tiny_dataset(str(tmp_path / "ds"), per_class=(2, 1))
+    os.rename(os.path.join(root, "val", "cross"), os.path.join(root, "val", "plus"))
+    with pytest.raises(DataError, match=r"only in train: \['cross'\]; only in val: \['plus'\]"):
+        data.stage(root, str(tmp_path / "cache"))
+
+
+def test_undecodable_image_names_the_file(tmp_path, tiny_config):
+    root = write_tiny_dataset(str(tmp_path / "ds"), per_class=(2, 1))
+    bad = os.path.join(root, "val", "square", "000.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG garbage")
+    staged = data.stage(root, str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="cannot decode image .*square/000.png"):
+        list(data.loader(staged, tiny_config.data, "val", train=False))
+
+
+def test_digits_seed_once(tmp_path):
+    store = Store(str(tmp_path))
+    uri, written = data.seed_digits(store)
+    assert written
+    staged = data.stage(uri, str(tmp_path / "cache"))
+    assert staged.num_train + staged.num_val == 1797 and len(staged.classes) == 10
+    assert 340 <= staged.num_val <= 380
+    assert data.seed_digits(store) == (uri, False)
