@@ -75,7 +75,10 @@ def demo(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
          cache_dir: Annotated[str, typer.Option(help="local cache of staged data")] = "~/.cache/quantlab",
          ) -> None:
     """Seed the store with real digits, train a float baseline once, run `quantize` on it."""
+    from quantlab.store import Store
+
     _apply_storage_options(storage_option)
+    Store(store).check_writable()  # a missing bucket or bad credentials fail here, in seconds
     from flows.demo import demo as demo_flow
 
     _print_results(demo_flow(store=store, qat_epochs=qat_epochs, world_size=world_size,

@@ -30,6 +30,17 @@ SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
                       "aws_secret_access_key", "aws_session_token", "session_token"}
 
 
+def _secret_keys(options: dict[str, Any], prefix: str = "") -> list[str]:
+    """Credential keys anywhere in (nested) storage options, e.g. client_kwargs.aws_secret_access_key."""
+    out = []
+    for k, v in options.items():
+        if str(k).lower() in SECRET_OPTION_KEYS:
+            out.append(prefix + str(k))
+        elif isinstance(v, dict):
+            out += _secret_keys(v, f"{prefix}{k}.")
+    return out
+
+
 def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> str:
     if value not in valid:
         raise ValueError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
@@ -226,7 +237,7 @@ class RunConfig(_Model):
     @field_validator("storage_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
-        leaked = sorted(k for k in v if k.lower() in SECRET_OPTION_KEYS)
+        leaked = sorted(_secret_keys(v))
         if leaked:
             raise ValueError(f"storage_options must not hold credentials ({', '.join(leaked)}); "
                              "use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "

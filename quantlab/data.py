@@ -13,6 +13,7 @@ parallel, and skips what is already there; `loader()` builds DataLoaders over th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -20,7 +21,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -111,40 +113,55 @@ def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
     else:
         local = os.path.join(os.path.expanduser(cache_dir), "datasets", fp[:32])
         marker = os.path.join(local, STAGED_MARKER)
-        if _read_marker(marker).get("fingerprint") == fp:
-            downloaded = 0
-        else:
-            todo = [f.relpath for f in files if not _has_file(local, f)]
-            log.info("staging %d of %d files (%.1f MB) from %s", len(todo), len(files),
-                     total_bytes / 1e6, uri)
-            done = 0
-
-            def progress(n: int) -> None:
-                nonlocal done
-                done += n
-                if on_progress:
-                    on_progress(done, len(todo))
-            st.download(uri, todo, local, storage_options, on_progress=progress)
-            bad = [f.relpath for f in files if not _has_file(local, f)]
-            if bad:
-                raise DataError(f"staging {uri} left {len(bad)} files missing or truncated "
-                                f"(e.g. {', '.join(bad[:3])}); re-run to resume")
-            downloaded = len(todo)
-            with open(marker + ".tmp", "w") as f:
-                json.dump({"uri": uri, "fingerprint": fp, "num_files": len(files),
-                           "num_bytes": total_bytes, "staged_at": time.time()}, f)
-            os.replace(marker + ".tmp", marker)
+        with _exclusive(local + ".lock"):  # two runs staging the same data take turns
+            downloaded = _download(uri, files, local, marker, fp, storage_options, on_progress)
     return StagedData(uri=uri, local_path=local, fingerprint=fp, classes=classes,
                       num_train=counts["train"], num_val=counts["val"], num_bytes=total_bytes,
                       staged_files=downloaded, seconds=time.perf_counter() - start)
 
 
+def _download(uri: str, files: list[st.FileInfo], local: str, marker: str, fp: str,
+              storage_options: dict | None,
+              on_progress: Callable[[int, int], None] | None) -> int:
+    """Download what is missing, verify, write the staging marker; returns files downloaded."""
+    if _read_marker(marker).get("fingerprint") == fp:
+        return 0
+    todo = [f for f in files if not _has_file(local, f)]
+    log.info("staging %d of %d files (%.1f MB) from %s", len(todo), len(files),
+             sum(f.size for f in todo) / 1e6, uri)
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress:
+            on_progress(min(done, len(todo)), len(todo))
+    st.download(uri, todo, local, storage_options, on_progress=progress)
+    bad = [f.relpath for f in files if not _has_file(local, f)]
+    if bad:
+        raise DataError(f"staging {uri} left {len(bad)} files missing or truncated "
+                        f"(e.g. {', '.join(bad[:3])}); re-run to resume")
+    with open(marker + ".tmp", "w") as f:
+        json.dump({"uri": uri, "fingerprint": fp, "num_files": len(files),
+                   "num_bytes": sum(f.size for f in files), "staged_at": time.time()}, f)
+    os.replace(marker + ".tmp", marker)
+    return len(todo)
+
+
 def _has_file(root: str, f: st.FileInfo) -> bool:
-    path = os.path.join(root, *f.relpath.split("/"))
-    try:
-        return os.path.getsize(path) == f.size
-    except OSError:
-        return False
+    return st.has_copy(os.path.join(root, *f.relpath.split("/")), f)
+
+
+@contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """An exclusive advisory lock on a file, between processes of this machine."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _read_marker(path: str) -> dict:

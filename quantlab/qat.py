@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import sys
-import time
 from datetime import datetime
 
 import torch
@@ -246,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         job = QatJob.model_validate_json(f.read())
     threads = int(os.environ.get("QUANTLAB_THREADS_PER_WORKER", job.config.qat.threads_per_worker))
     rank, world_size = init_process_group(threads)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+    # quantlab's own progress at INFO; libraries (botocore, s3fs, ...) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
                         format=f"[rank {rank}/{world_size}] %(message)s", force=True)
+    logging.getLogger("quantlab").setLevel(logging.INFO)
     try:
         train(job)
     finally:

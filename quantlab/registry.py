@@ -125,20 +125,27 @@ class Alias(_Strict):
 def load_manifest(store: Store, run_id: str) -> Manifest:
     """The validated manifest of a complete run (NotFoundError if the run is incomplete)."""
     _check_name("run id", run_id)
-    rel = f"{run_dir(run_id)}/manifest.json"
-    if not store.exists(rel):
+    try:
+        return _read_manifest(store, run_id)
+    except NotFoundError:
         raise NotFoundError(f"run {run_id!r} is not in {store.root} or did not complete "
-                            "(no manifest.json)")
-    return _validate(Manifest, store.read_json(rel), store.uri(rel))
+                            "(no manifest.json)") from None
 
 
 def list_runs(store: Store) -> list[Manifest]:
     """Complete runs, oldest first. Runs without a manifest (running, failed) are skipped."""
     out = []
     for run_id in store.list_dir("runs"):
-        if store.exists(f"{run_dir(run_id)}/manifest.json"):
-            out.append(load_manifest(store, run_id))
+        try:
+            out.append(_read_manifest(store, run_id))
+        except NotFoundError:
+            continue  # no manifest: the run is running, failed or was interrupted
     return sorted(out, key=lambda m: m.created_at)
+
+
+def _read_manifest(store: Store, run_id: str) -> Manifest:
+    rel = f"{run_dir(run_id)}/manifest.json"
+    return _validate(Manifest, store.read_json(rel), store.uri(rel))
 
 
 def list_aliases(store: Store) -> list[Alias]:
@@ -166,6 +173,9 @@ def resolve(store: Store, ref: str) -> str:
         return read_alias(store, ref).run_id
     if store.exists(f"{run_dir(ref)}/manifest.json"):
         return ref
+    if store.exists(f"{run_dir(ref)}/run.json"):
+        raise NotFoundError(f"run {ref!r} did not complete (no manifest.json): it is still running, "
+                            "failed or was interrupted; only complete runs can be shown or pulled")
     aliases = [a.name for a in list_aliases(store)]
     runs = [m.run_id for m in list_runs(store)][-3:]
     raise NotFoundError(f"{ref!r} is neither a complete run nor an alias in {store.root}; "
@@ -217,11 +227,18 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
             raise IntegrityError(
                 f"{store.uri(rel)} does not match run {manifest.run_id}'s manifest (sha256 "
                 f"{h.hexdigest()[:12]}… != {entry.sha256[:12]}…); refusing it, nothing written")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a pulled model is a normal file
         os.replace(tmp, dest)
         return dest
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _check_name(what: str, value: str) -> None:

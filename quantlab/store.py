@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
+from fsspec.callbacks import Callback
 from fsspec.core import url_to_fs
 
 from quantlab.errors import NotFoundError, StoreError
@@ -65,10 +66,14 @@ def resolve_options(uri: str, options: dict[str, Any] | None = None) -> dict[str
     if protocol not in ("s3", "s3a", "gs", "gcs", "az", "abfs"):
         return {}
     merged = {**(options or {}), **env_storage_options()}
-    # s3fs names the endpoint inside client_kwargs; accept the flat spelling users expect.
-    if "endpoint_url" in merged and protocol in ("s3", "s3a"):
-        merged.setdefault("client_kwargs", {})
-        merged["client_kwargs"] = {**merged["client_kwargs"], "endpoint_url": merged.pop("endpoint_url")}
+    if protocol in ("s3", "s3a"):
+        # s3fs names the endpoint inside client_kwargs; accept the flat spelling users expect.
+        if "endpoint_url" in merged:
+            merged["client_kwargs"] = {**merged.get("client_kwargs", {}),
+                                       "endpoint_url": merged.pop("endpoint_url")}
+        # Other processes write the store, so a cached listing is soon stale; and s3fs would
+        # keep every entry of a dataset's listing (a million dicts for ImageNet) for good.
+        merged.setdefault("use_listings_cache", False)
     return merged
 
 
@@ -96,7 +101,7 @@ def is_local(uri: str) -> bool:
     return "://" not in normalize_uri(uri)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing of a million files stays small
 class FileInfo:
     """One stored file: its path relative to a listed prefix, size and content tag."""
 
@@ -154,7 +159,9 @@ class Store:
         def ls() -> list[str]:
             try:
                 entries = self.fs.ls(base, detail=False, refresh=True)
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if "bucket" in str(e).lower():  # a missing bucket is an error, not an empty store
+                    raise
                 return []
             return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
         return self._call(f"list {self.uri(rel)}", ls)
@@ -289,30 +296,71 @@ def list_files(uri: str, options: dict[str, Any] | None = None) -> list[FileInfo
     return sorted(out, key=lambda f: f.relpath)
 
 
-def download(uri: str, relpaths: list[str], local_dir: str,
+def download(uri: str, files: list[FileInfo], local_dir: str,
              options: dict[str, Any] | None = None, batch_size: int = 128,
-             on_progress: Callable[[int], None] | None = None) -> None:
-    """Copy files below `uri` into `local_dir` concurrently, in chunks (s3fs async gets).
+             chunk_size: int = 8192, on_progress: Callable[[int], None] | None = None,
+             progress_every: float = 5.0) -> None:
+    """Copy files below `uri` into `local_dir` concurrently; a retry resumes, not restarts.
 
-    Each chunk is one `fs.get` of many files, which s3fs runs `batch_size` at a time over its
-    async client; `on_progress(n)` reports files done after each chunk.
+    On S3 each chunk of `chunk_size` files is one `fs.get(list, list)`: s3fs runs `batch_size`
+    GETs at a time over its async client (within its connection pool), with no listing or
+    HEAD per file (the caller listed once). Chunks bound the memory that a million pending
+    transfers would take, for one brief drain of the pool per chunk. A transient failure
+    retries only the chunk's files not yet present with their listed size.
+    `on_progress(n)` reports n more files done, at most every `progress_every` seconds.
     """
     fs, base = filesystem(uri, options)
-    chunk = max(batch_size * 8, 1)
-    for i in range(0, len(relpaths), chunk):
-        part = relpaths[i:i + chunk]
-        remote = [posixpath.join(base, r) for r in part]
-        local = [os.path.join(local_dir, *r.split("/")) for r in part]
-        for d in {os.path.dirname(p) for p in local}:
+    kwargs = {"batch_size": batch_size} if fs.async_impl else {}
+    progress = _Progress(len(files), on_progress, progress_every)
+    for i in range(0, len(files), chunk_size):
+        pending = [(posixpath.join(base, f.relpath), os.path.join(local_dir, *f.relpath.split("/")), f)
+                   for f in files[i:i + chunk_size]]
+        for d in {os.path.dirname(lp) for _, lp, _ in pending}:
             os.makedirs(d, exist_ok=True)
-        if fs.async_impl:
-            call_with_retries(f"download from {uri}",
-                              lambda: fs.get(remote, local, batch_size=batch_size))
-        else:
-            for r, lp in zip(remote, local):
-                call_with_retries(f"download {r}", lambda r=r, lp=lp: fs.get_file(r, lp))
-        if on_progress:
-            on_progress(len(part))
+        attempts = 0
+
+        def get() -> None:
+            nonlocal pending, attempts
+            if attempts:  # a retry: keep what the failed attempt got
+                pending = [p for p in pending if not has_copy(p[1], p[2])]
+            attempts += 1
+            fs.get([r for r, _, _ in pending], [lp for _, lp, _ in pending], callback=progress,
+                   **kwargs)
+        call_with_retries(f"download {len(pending)} files from {uri}", get)
+    progress.flush()
+
+
+def has_copy(path: str, f: FileInfo) -> bool:
+    """Is `path` a local file of the listed size (a complete download of `f`)?"""
+    try:
+        return os.path.getsize(path) == f.size
+    except OSError:
+        return False
+
+
+class _Progress(Callback):
+    """fsspec callback -> on_progress(files done since the last report), throttled.
+
+    fsspec counts a transfer when it ends, also when it failed; a retry counts it again, so
+    the running total can pass the number of files (callers clamp it).
+    """
+
+    def __init__(self, total: int, on_progress: Callable[[int], None] | None, every: float):
+        super().__init__(size=total)
+        self.on_progress, self.every = on_progress, every
+        self.reported, self.last = 0, time.monotonic()
+
+    def set_size(self, size: int) -> None:
+        pass  # fs.get sets each chunk's size; the total of all chunks is what we report against
+
+    def call(self, *args, **kwargs) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.on_progress is not None and self.value > self.reported:
+            self.on_progress(self.value - self.reported)
+        self.reported, self.last = self.value, time.monotonic()
 
 
 def _first_line(e: BaseException) -> str:

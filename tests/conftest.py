@@ -111,6 +111,18 @@ def write_tiny_dataset(root: str, per_class: tuple[int, int] = (24, 8), seed: in
     return root
 
 
+def upload_tree(store, local: str, prefix: str) -> str:
+    """Copy a local folder into a quantlab Store under `prefix`; returns its URI."""
+    files = {}
+    for root, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                files[f"{prefix}/{os.path.relpath(path, local)}"] = f.read()
+    store.write_many(files)
+    return store.uri(prefix)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> str:
     return write_tiny_dataset(str(tmp_path_factory.mktemp("data") / "shapes"))

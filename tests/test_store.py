@@ -1,6 +1,8 @@
 """The store, metric tables and data staging, against a local folder, memory:// and S3."""
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import pytest
@@ -8,9 +10,12 @@ import pytest
 from quantlab import data, metrics
 from quantlab.errors import DataError, NotFoundError, StoreError
 from quantlab.store import Store, list_files
-from tests.conftest import write_tiny_dataset
+from tests.conftest import upload_tree, write_tiny_dataset
 
 RUN_DATE = metrics.now()
+EVALUATION = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",
+              "backend": "eager", "engine": "", "top1": 71.9, "top5": 90.3, "loss": 1.1,
+              "num_images": 50000, "size_bytes": 14_000_000}
 
 
 def test_bytes_json_listing_and_delete(store_uri):
@@ -48,9 +53,7 @@ def test_local_writes_leave_no_temp_files(tmp_path):
 
 def test_metric_tables_are_append_only_and_readable(store_uri):
     store = Store(store_uri)
-    row = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",
-           "backend": "eager", "engine": "", "top1": 71.9, "top5": 90.3, "loss": 1.1,
-           "num_images": 50000, "size_bytes": 14_000_000}
+    row = EVALUATION
     metrics.write_rows(store, "evaluations", [row], "r1", "float", RUN_DATE)
     metrics.write_rows(store, "evaluations", [{**row, "run_id": "r2"}], "r2", "float", RUN_DATE)
     metrics.write_rows(store, "evaluations", [{**row, "top1": 72.0}], "r1", "float", RUN_DATE)  # retry
@@ -60,6 +63,25 @@ def test_metric_tables_are_append_only_and_readable(store_uri):
     assert [r["run_id"] for r in metrics.read_rows(store, "evaluations", "r2")] == ["r2"]
     with pytest.raises(ValueError, match="missing"):
         metrics.write_rows(store, "evaluations", [{"run_id": "r3"}], "r3", "x", RUN_DATE)
+
+
+def test_concurrent_writers_never_clobber_metric_files(store_uri):
+    store = Store(store_uri)
+    variants = ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
+    start = threading.Barrier(2)
+
+    def write_run(run_id: str) -> None:
+        start.wait()
+        for v in variants:  # the same part names and partition in both runs
+            metrics.write_rows(store, "evaluations", [{**EVALUATION, "run_id": run_id, "variant": v}],
+                               run_id, v, RUN_DATE)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(write_run, ["run-a", "run-b"]))
+    rows = metrics.read_rows(store, "evaluations")
+    assert sorted((r["run_id"], r["variant"]) for r in rows) == sorted(
+        (run, v) for run in ("run-a", "run-b") for v in variants)
+    assert len(store.find("metrics/evaluations")) == 8
 
 
 def test_metric_tables_read_by_plain_pyarrow_and_duckdb(tmp_path):
@@ -78,14 +100,7 @@ def test_metric_tables_read_by_plain_pyarrow_and_duckdb(tmp_path):
 
 def _upload_dataset(store_uri, tmp_path) -> str:
     local = write_tiny_dataset(str(tmp_path / "src"), per_class=(4, 2))
-    store = Store(store_uri)
-    files = {}
-    for root, _, names in os.walk(local):
-        for name in names:
-            full = os.path.join(root, name)
-            files["datasets/shapes/" + os.path.relpath(full, local)] = open(full, "rb").read()
-    store.write_many(files)
-    return store.uri("datasets/shapes")
+    return upload_tree(Store(store_uri), local, "datasets/shapes")
 
 
 def test_stage_downloads_once_and_resumes(store_uri, tmp_path):
