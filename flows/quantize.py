@@ -5,6 +5,8 @@
 
 Stages: validate, stage data, float baseline, PTQ variants in parallel, multi-epoch QAT on
 gloo workers, convert and script, benchmark, report. The run's manifest is written last.
+Staging and the float evaluation are reused from an earlier run with the same content. The PTQ
+variants fan out on the flow's threads, or over a Dask cluster when `config.dask_address` is set.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from quantlab.config import RunConfig
 from tasks import stages
 from tasks.progress import Progress
+from tasks.runners import fan_out
 
 
 @flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -32,8 +35,10 @@ def quantize(config: RunConfig) -> dict:
     results = [stages.export_float(config, staged, run, float_eval)]
     progress.done("float")
 
-    ptq = [stages.ptq_variant.submit(config, staged, run, v) for v in config.variants]
-    results += [f.result() for f in ptq]
+    with fan_out(config.dask_address) as submit:
+        ptq = [submit(stages.ptq_variant, config=config, staged=staged, run=run, variant=v)
+               for v in config.variants]
+        results += [f.result(timeout=stages.TIMEOUTS["ptq"]) for f in ptq]
     progress.done("ptq")
 
     epochs: list[dict] = []

@@ -5,6 +5,8 @@
     quantlab runs [--store URI]                       complete runs in a store
     quantlab show RUN|ALIAS [--store URI]             one run's manifest, results and choice
     quantlab pull RUN|ALIAS [--variant NAME|best] [--dest PATH]
+    quantlab deploy [--prefect-file deploy/prefect.yaml]  register the scheduled deployments
+    quantlab serve [--prefect-file ...]                  serve them from this process
 
 A user's mistake prints one line naming the bad value and the valid ones, and exits 2;
 `--debug` shows the traceback.
@@ -172,6 +174,32 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
     _apply_storage_options(storage_option)
     path = pull_artifact(store, ref, variant=variant, dest=dest)
     console.print(f"wrote {path} (sha256 verified); load it with torch.jit.load")
+
+
+PrefectFileOpt = Annotated[Optional[str], typer.Option(
+    "--prefect-file", help="deployments file (default: deploy/prefect.yaml of this checkout)")]
+QatSlotsOpt = Annotated[int, typer.Option(
+    min=1, help="QAT trainings at a time, if the tag:quantlab-qat limit must be created")]
+
+
+@app.command()
+def deploy(prefect_file: PrefectFileOpt = None, qat_slots: QatSlotsOpt = 1) -> None:
+    """Register the deployments with the Prefect API (PREFECT_API_URL) for a worker to run.
+
+    Creates the process work pool and the QAT concurrency limit if missing, then runs
+    `prefect deploy --all` on the file. Start a worker with `prefect worker start --pool POOL`.
+    """
+    from flows import deployments
+
+    deployments.deploy(prefect_file, qat_slots)
+
+
+@app.command()
+def serve(prefect_file: PrefectFileOpt = None, qat_slots: QatSlotsOpt = 1) -> None:
+    """Serve the deployments from this process (no work pool, no worker) until Ctrl-C."""
+    from flows import deployments
+
+    deployments.serve(prefect_file, qat_slots)
 
 
 def main() -> None:

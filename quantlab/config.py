@@ -24,6 +24,8 @@ ACTIVATION_OBSERVERS = ("minmax", "moving_average_minmax", "histogram")
 WEIGHT_OBSERVERS = ("minmax", "per_channel_minmax")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DASK_PROTOCOLS = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
+DASK_ADDRESS = re.compile(rf"((?:{'|'.join(DASK_PROTOCOLS)})://)?[^\s/:]+(:\d+)?(/[^\s]*)?")
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Secrets never travel in a config (it is stored in manifests and in Prefect's database).
 SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
@@ -143,6 +145,9 @@ PTQ_PRESETS: dict[str, VariantConfig] = {
 }
 
 
+PresetName = Literal[tuple(PTQ_PRESETS)]  # type: ignore[valid-type]
+
+
 class QATConfig(_Model):
     """Quantization-aware training, the tutorial's schedule, as torch.distributed workers.
 
@@ -212,13 +217,18 @@ class RunConfig(_Model):
         default_factory=dict, description="fsspec options without secrets, e.g. "
         "{'endpoint_url': 'http://127.0.0.1:5000'}; credentials come from the environment")
     cache_dir: str = Field("~/.cache/quantlab", description="local cache of staged datasets")
-    variants: tuple[VariantConfig, ...] = tuple(PTQ_PRESETS.values())
+    # Preset names are expanded into VariantConfigs on validation; declaring them in the type
+    # puts them in the JSON schema, which Prefect checks deployment parameters against.
+    variants: tuple[VariantConfig | PresetName, ...] = tuple(PTQ_PRESETS.values())
     qat: QATConfig = QATConfig()
     bench: BenchConfig = BenchConfig()
     max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points below float allowed "
                                      "when selecting the variant to ship")
     seed: int = 0
     run_id: str | None = Field(None, description="None: a new id; an existing id resumes it")
+    dask_address: str | None = Field(
+        None, description="Dask scheduler that runs the PTQ variants, e.g. tcp://10.0.0.5:8786; "
+        "None: threads of the flow's own process")
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -249,6 +259,14 @@ class RunConfig(_Model):
     def _run_id(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
             raise ValueError(f"run_id {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("dask_address")
+    @classmethod
+    def _dask_address(cls, v: str | None) -> str | None:
+        if v is not None and not DASK_ADDRESS.fullmatch(v):
+            raise ValueError(f"dask_address {v!r} must be a scheduler address: HOST:PORT or "
+                             f"PROTOCOL://HOST:PORT with PROTOCOL one of {', '.join(DASK_PROTOCOLS)}")
         return v
 
     @model_validator(mode="after")

@@ -89,6 +89,20 @@ def fingerprint(files: list[st.FileInfo]) -> str:
     return h.hexdigest()
 
 
+def list_dataset(uri: str, storage_options: dict | None = None) -> list[st.FileInfo]:
+    """Every data file below a dataset URI, from one recursive listing.
+
+    Hidden files (our markers, .DS_Store, ...) are not data.
+    """
+    return [f for f in st.list_files(uri, storage_options)
+            if not any(part.startswith(".") for part in f.relpath.split("/"))]
+
+
+def dataset_fingerprint(uri: str, storage_options: dict | None = None) -> str:
+    """The content fingerprint of a dataset, from its listing alone (nothing is downloaded)."""
+    return fingerprint(list_dataset(uri, storage_options))
+
+
 # -- staging -----------------------------------------------------------------------------
 def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
           on_progress: Callable[[int, int], None] | None = None) -> StagedData:
@@ -101,9 +115,7 @@ def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
     staging manifest (.quantlab-staged.json) marks the copy complete.
     """
     start = time.perf_counter()
-    # Hidden files (our markers, .DS_Store, ...) are not data.
-    files = [f for f in st.list_files(uri, storage_options)
-             if not any(part.startswith(".") for part in f.relpath.split("/"))]
+    files = list_dataset(uri, storage_options)
     classes, counts = check_layout(files, uri)
     fp = fingerprint(files)
     total_bytes = sum(f.size for f in files)

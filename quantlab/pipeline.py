@@ -122,6 +122,23 @@ def stage(cfg: RunConfig, on_progress: Callable[[int, int], None] | None = None)
     return data.stage(cfg.data.uri, cfg.cache_dir, cfg.storage_options, on_progress)
 
 
+def ensure_staged(cfg: RunConfig, staged: StagedData) -> StagedData:
+    """`staged` if its local copy is on this machine, else the dataset staged again here.
+
+    A stage result can come from an earlier run (a cached task) or from another machine (a
+    Dask worker): its local copy may be gone or elsewhere. Restaging checks the content too.
+    """
+    if os.path.isdir(staged.local_path):
+        return staged
+    log.info("staged copy %s is not on this machine; staging %s again", staged.local_path,
+             staged.uri)
+    again = stage(cfg)
+    if again.fingerprint != staged.fingerprint:
+        raise DataError(f"dataset {staged.uri} changed during the run (fingerprint "
+                        f"{staged.fingerprint[:12]} became {again.fingerprint[:12]}); start a new run")
+    return again
+
+
 def load_float(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
     return models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
                                    cfg.storage_options, **cfg.model.kwargs)
@@ -281,12 +298,20 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
                             num_val=staged.num_val),
         artifacts=[r.artifact for r in results], results=rows, selected=selected,
         report={"markdown": "report/report.md", "plot": "report/comparison.png"})
-    links = {a.variant: store.uri(f"{base}/{a.path}") for a in manifest.artifacts}
-    links["plot"] = store.uri(f"{base}/report/comparison.png")
-    store.write_bytes(f"{base}/report/report.md", report.markdown_report(manifest, links).encode())
+    store.write_bytes(f"{base}/report/report.md",
+                      report.markdown_report(manifest, report_links(cfg, manifest)).encode())
     store.write_json(f"{base}/manifest.json", manifest.model_dump(mode="json"))  # last: complete
     update_aliases(store, manifest)
     return manifest
+
+
+def report_links(cfg: RunConfig, manifest: Manifest) -> dict[str, str]:
+    """Where a run's artifacts, plot and report live: file:// links or store URIs."""
+    store, base = store_of(cfg), registry.run_dir(manifest.run_id)
+    links = {a.variant: store.url(f"{base}/{a.path}") for a in manifest.artifacts}
+    links.update({name: store.url(f"{base}/{rel}") for name, rel in manifest.report.items()})
+    links["manifest"] = store.url(f"{base}/manifest.json")
+    return links
 
 
 def update_aliases(store: Store, manifest: Manifest) -> None:

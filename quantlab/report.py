@@ -130,8 +130,13 @@ def plot(rows: Sequence[ResultRow], qat_epochs: Sequence[dict]) -> bytes:
     return buf.getvalue()
 
 
-def markdown_report(manifest: Manifest, links: dict[str, str]) -> str:
-    """The run's report: results, the choice and why, config, dataset, where artifacts live."""
+def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str | None = None) -> str:
+    """The run's report: results, the choice and why, config, dataset, where artifacts live.
+
+    `links` maps variants (and plot, markdown, manifest) to where they are stored;
+    `plot_image` is the plot's image source when it differs from its link (a data: URI makes
+    the report self-contained, e.g. in the Prefect UI, which cannot read the store).
+    """
     rows = table_rows(manifest.results, manifest.selected.variant)
     budget = "within" if manifest.selected.within_budget else "OUTSIDE"
     lines = [
@@ -146,12 +151,21 @@ def markdown_report(manifest: Manifest, links: dict[str, str]) -> str:
         f"{manifest.max_accuracy_drop:g} top-1 points): {manifest.selected.reason}.",
         "",
     ]
-    if "plot" in links:
-        lines += [f"![accuracy and latency]({links['plot']})", ""]
-    lines += ["## Artifacts", "", "| variant | sha256 | bytes | location |", "|---|---|---|---|"]
+    if plot_image or "plot" in links:
+        lines += [f"![accuracy against latency; QAT top-1 per epoch]({plot_image or links['plot']})", ""]
+    lines += ["## Artifacts", ""]
+    if "manifest" in links:
+        lines += [f"In `{links['manifest'].rsplit('/', 1)[0]}/`:", ""]
+    lines += ["| variant | sha256 | bytes | location |", "|---|---|---|---|"]
     for a in manifest.artifacts:
         lines.append(f"| {a.variant} | `{a.sha256[:16]}…` | {a.bytes:,} | "
-                     f"[{links.get(a.variant, a.path)}]({links.get(a.variant, a.path)}) |")
+                     f"[{a.path}]({links.get(a.variant, a.path)}) |")
+    lines += [""] + [f"- {label}: [{links[name]}]({links[name]})"
+                     for name, label in (("plot", "plot (PNG)"), ("markdown", "this report"),
+                                         ("manifest", "manifest (sha256 of every artifact)"))
+                     if name in links]
+    lines += ["", f"Fetch a model, verified: `quantlab pull {manifest.run_id} --variant best "
+                  f"--store {manifest.config.get('store', '<store>')}`"]
     lines += ["", "## Dataset", "",
               f"`{manifest.dataset.uri}`: {len(manifest.dataset.classes)} classes, "
               f"{manifest.dataset.num_train} train / {manifest.dataset.num_val} val images, "

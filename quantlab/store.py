@@ -17,9 +17,11 @@ environment, never through a config, a manifest or a command line).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import pathlib
 import posixpath
 import time
 import uuid
@@ -130,6 +132,10 @@ class Store:
     def uri(self, rel: str = "") -> str:
         """Full URI of a relative path, for people to read and other tools to open."""
         return posixpath.join(self.root, rel) if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """A link to a relative path: file:///... for a local store, the URI otherwise."""
+        return pathlib.Path(self.uri(rel)).as_uri() if self.local else self.uri(rel)
 
     # -- reads -------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -275,6 +281,27 @@ def read_uri(uri: str, options: dict[str, Any] | None = None) -> bytes:
     """Bytes of one object given by a full URI or local path (e.g. a float checkpoint)."""
     fs, path = filesystem(uri, options)
     return call_with_retries(f"read {uri}", lambda: fs.cat_file(path))
+
+
+def content_hash(uri: str, options: dict[str, Any] | None = None) -> str:
+    """A tag that changes whenever an object's bytes change (e.g. a float checkpoint's).
+
+    The ETag (with the size) where the backend keeps one, such as S3, so nothing is
+    downloaded; otherwise the sha256 of the bytes, read in chunks.
+    """
+    fs, path = filesystem(uri, options)
+    info = call_with_retries(f"check {uri}", lambda: fs.info(path))
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if etag and not is_local(uri):
+        return f"etag:{etag}:{info.get('size')}"
+
+    def sha256() -> str:
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    return "sha256:" + call_with_retries(f"read {uri}", sha256)
 
 
 def list_files(uri: str, options: dict[str, Any] | None = None) -> list[FileInfo]:

@@ -2,9 +2,16 @@
 
 Tasks pass small records (URIs, run ids, metric rows); never tensors or modules. I/O tasks
 retry with backoff; deterministic compute does not (a retry would fail the same way).
+Staging and the float evaluation are cached by content (tasks/caching.py). Every stage has
+a timeout and tags; QAT training carries the `quantlab-qat` tag, whose concurrency limit
+(created by `quantlab deploy`) keeps two runs from training on one machine at once.
 """
 
 from __future__ import annotations
+
+import base64
+import logging
+import re
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -19,19 +26,29 @@ from quantlab.data import StagedData
 from quantlab.evaluate import EvalResult
 from quantlab.pipeline import RunInfo, VariantResult
 from quantlab.registry import ArtifactEntry, Manifest
+from tasks.caching import dataset_key, float_eval_key, log_cache_hit
 from tasks.progress import Progress
 
 IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
                   retry_jitter_factor=0.5)
+HOUR = 3600
+# Ceilings, in seconds, that turn a hung stage (a stalled download, a wedged worker group)
+# into a failed task run; sized for ImageNet on one CPU node.
+TIMEOUTS = {"validate": 0.5 * HOUR, "store": 0.25 * HOUR, "stage": 12 * HOUR,
+            "evaluate": 4 * HOUR, "export": 2 * HOUR, "ptq": 8 * HOUR, "qat": 96 * HOUR,
+            "bench": 2 * HOUR, "report": 0.5 * HOUR}
+QAT_CONCURRENCY_TAG = "quantlab-qat"  # a tag concurrency limit on it bounds concurrent QAT
 
 
-@task(name="preflight", cache_policy=NO_CACHE, tags=["quantlab", "validate"])
+@task(name="preflight", cache_policy=NO_CACHE, tags=["quantlab", "validate"],
+      timeout_seconds=TIMEOUTS["validate"])
 def preflight(config: RunConfig) -> int:
     """Validate config, store, dataset layout and checkpoint; returns num_classes."""
     return pipeline.preflight(config)
 
 
-@task(name="start-run", cache_policy=NO_CACHE, tags=["quantlab", "store"], **IO_RETRIES)
+@task(name="start-run", cache_policy=NO_CACHE, tags=["quantlab", "store"],
+      timeout_seconds=TIMEOUTS["store"], **IO_RETRIES)
 def start_run(config: RunConfig) -> RunInfo:
     """Create (or resume) the run folder in the store."""
     run = pipeline.start_run(config)
@@ -40,9 +57,11 @@ def start_run(config: RunConfig) -> RunInfo:
     return run
 
 
-@task(name="stage-data", cache_policy=NO_CACHE, tags=["quantlab", "stage"], **IO_RETRIES)
+@task(name="stage-data", cache_key_fn=dataset_key, persist_result=True,
+      on_completion=[log_cache_hit("the dataset's listing is unchanged")],
+      tags=["quantlab", "stage"], timeout_seconds=TIMEOUTS["stage"], **IO_RETRIES)
 def stage_data(config: RunConfig) -> StagedData:
-    """Bring the dataset into the local cache, verified."""
+    """Bring the dataset into the local cache, verified (cached by the dataset's listing)."""
     logger = get_run_logger()
     staged = pipeline.stage(config, on_progress=lambda done, total: logger.info(
         "staged %d/%d files", done, total))
@@ -52,59 +71,86 @@ def stage_data(config: RunConfig) -> StagedData:
     return staged
 
 
-@task(name="evaluate-float", cache_policy=NO_CACHE, tags=["quantlab", "evaluate"])
+@task(name="evaluate-float", cache_key_fn=float_eval_key, persist_result=True,
+      on_completion=[log_cache_hit("same checkpoint bytes, dataset and evaluation settings")],
+      tags=["quantlab", "evaluate"], timeout_seconds=TIMEOUTS["evaluate"])
 def evaluate_float(config: RunConfig, staged: StagedData) -> EvalResult:
-    """Top-1/top-5/loss of the float checkpoint."""
-    result = pipeline.evaluate_float(config, staged)
+    """Top-1/top-5/loss of the float checkpoint (cached by checkpoint and data content)."""
+    result = pipeline.evaluate_float(config, pipeline.ensure_staged(config, staged))
     get_run_logger().info("float: top-1 %.2f, top-5 %.2f", result.top1, result.top5)
     return result
 
 
-@task(name="export-float", cache_policy=NO_CACHE, tags=["quantlab", "export"])
+@task(name="export-float", cache_policy=NO_CACHE, tags=["quantlab", "export"],
+      timeout_seconds=TIMEOUTS["export"])
 def export_float(config: RunConfig, staged: StagedData, run: RunInfo,
                  float_eval: EvalResult) -> VariantResult:
     """Script and store the fused float model (the benchmark's reference)."""
-    return pipeline.export_float(config, staged, run, float_eval)
+    return pipeline.export_float(config, pipeline.ensure_staged(config, staged), run, float_eval)
 
 
+# No task timeout: PTQ runs in worker threads or on Dask, where Prefect cannot enforce one; the
+# flow waits for each variant at most TIMEOUTS["ptq"] instead.
 @task(name="ptq", task_run_name="ptq-{variant.name}", cache_policy=NO_CACHE,
       tags=["quantlab", "ptq"])
 def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
     """One PTQ variant: prepare, calibrate, convert, evaluate, script, store."""
-    result = pipeline.ptq_variant(config, staged, run, variant)
+    result = pipeline.ptq_variant(config, pipeline.ensure_staged(config, staged), run, variant)
     get_run_logger().info("%s: top-1 %.2f, top-5 %.2f, %d bytes", variant.name, result.eval.top1,
                           result.eval.top5, result.artifact.bytes)
     return result
 
 
-@task(name="qat-train", cache_policy=NO_CACHE, tags=["quantlab", "qat"])
+# torchrun's own lines (glog: W1127 03:33:03.65 ...) and torch's per-rank traceback lines.
+_GLOG_LEVEL = re.compile(r"^([IWEF])\d{4} ")
+_RANK_TRACEBACK = re.compile(r"^\[rank\d+\]:")
+
+
+def worker_line_level(line: str) -> int:
+    """The log level of a line of the QAT worker group's output."""
+    if _RANK_TRACEBACK.match(line):
+        return logging.ERROR
+    glog = _GLOG_LEVEL.match(line)
+    return {"W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}.get(
+        glog.group(1), logging.INFO) if glog else logging.INFO
+
+
+@task(name="qat-train", cache_policy=NO_CACHE, tags=["quantlab", "qat", QAT_CONCURRENCY_TAG],
+      timeout_seconds=TIMEOUTS["qat"])
 def train_qat(config: RunConfig, staged: StagedData, run: RunInfo, num_classes: int,
               progress: Progress | None = None) -> list[dict]:
-    """Multi-epoch QAT on torch.distributed (gloo) workers; their output goes to this log."""
+    """Multi-epoch QAT on torch.distributed (gloo) workers; their output goes to this log.
+
+    Workers log as "[rank r/N] ..."; torchrun's own lines and worker tracebacks arrive too,
+    as warnings and errors.
+    """
     logger = get_run_logger()
 
     def on_line(line: str) -> None:
         event = qat.parse_event(line)
         if event is None:
-            logger.info(line)
+            logger.log(worker_line_level(line), line)
         elif event["event"] == "epoch" and progress is not None:
             progress.qat_epoch(event["epoch"], config.qat.epochs)
 
-    return pipeline.train_qat(config, staged, run, num_classes, on_line=on_line)
+    return pipeline.train_qat(config, pipeline.ensure_staged(config, staged), run, num_classes,
+                              on_line=on_line)
 
 
-@task(name="qat-export", cache_policy=NO_CACHE, tags=["quantlab", "qat", "export"])
+@task(name="qat-export", cache_policy=NO_CACHE, tags=["quantlab", "qat", "export"],
+      timeout_seconds=TIMEOUTS["export"])
 def export_qat(config: RunConfig, staged: StagedData, run: RunInfo,
                num_classes: int) -> VariantResult:
     """Convert the final QAT checkpoint to int8, evaluate, script, store."""
-    result = pipeline.export_qat(config, staged, run, num_classes)
+    result = pipeline.export_qat(config, pipeline.ensure_staged(config, staged), run, num_classes)
     get_run_logger().info("%s: top-1 %.2f, top-5 %.2f, %d bytes", result.variant, result.eval.top1,
                           result.eval.top5, result.artifact.bytes)
     return result
 
 
-@task(name="benchmark", cache_policy=NO_CACHE, tags=["quantlab", "bench"])
+@task(name="benchmark", cache_policy=NO_CACHE, tags=["quantlab", "bench"],
+      timeout_seconds=TIMEOUTS["bench"])
 def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
     """Time float and every int8 artifact side by side."""
     rows = pipeline.benchmark(config, run, artifacts)
@@ -114,17 +160,25 @@ def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -
     return rows
 
 
-@task(name="report", cache_policy=NO_CACHE, tags=["quantlab", "report", "store"], **IO_RETRIES)
+@task(name="report", cache_policy=NO_CACHE, tags=["quantlab", "report", "store"],
+      timeout_seconds=TIMEOUTS["report"], **IO_RETRIES)
 def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
              latencies: list[Latency], epochs: list[dict]) -> Manifest:
-    """Select, report, write the manifest (last) and move the aliases; publish UI artifacts."""
+    """Select, report, write the manifest (last) and move the aliases; publish UI artifacts.
+
+    The UI's report shows the plot inline (a data: URI: the UI cannot read the store) and
+    links every stored artifact, the PNG included.
+    """
     manifest = pipeline.finalize(config, run, staged, results, latencies, epochs)
     rows = report.table_rows(manifest.results, manifest.selected.variant)
     create_table_artifact(key="quantlab-comparison", table=rows,
                           description=f"run {run.run_id}: {manifest.model}, selected "
                                       f"{manifest.selected.variant}")
-    markdown = pipeline.store_of(config).read_bytes(
-        f"{registry.run_dir(run.run_id)}/{manifest.report['markdown']}").decode()
+    png = pipeline.store_of(config).read_bytes(
+        f"{registry.run_dir(run.run_id)}/{manifest.report['plot']}")
+    markdown = report.markdown_report(manifest, pipeline.report_links(config, manifest),
+                                      plot_image="data:image/png;base64,"
+                                                 + base64.b64encode(png).decode())
     create_markdown_artifact(key="quantlab-report", markdown=markdown,
                              description=f"run {run.run_id}")
     get_run_logger().info("selected %s: %s", manifest.selected.variant, manifest.selected.reason)

@@ -6,14 +6,23 @@
 - `tiny_dataset` / `tiny_checkpoint` / `tiny_config`: a 3-class ImageFolder of 16x16 PNGs and a
   width-0.25 MobileNetV2 trained on it for a few seconds.
 - `prefect`: a session-wide `prefect_test_harness` (a real, temporary Prefect API).
+- `prefect_server`: `prefect server start` (API and UI) on a free loopback port, with its own
+  PREFECT_HOME, for the tests of deployments, workers, cancellation and the UI.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -169,9 +178,79 @@ def tiny_config(tiny_dataset, tiny_checkpoint, tmp_path) -> RunConfig:
 
 # -- Prefect --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def prefect():
-    """A real temporary Prefect API (SQLite) for the session."""
+def prefect(tmp_path_factory):
+    """A real temporary Prefect API (SQLite) for the session; task results in a temp folder."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    results = str(tmp_path_factory.mktemp("prefect-results"))
+    with prefect_test_harness(server_startup_timeout=60), \
+            temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
         yield
+
+
+@dataclass
+class PrefectServer:
+    url: str        # the UI
+    api_url: str
+    env: dict       # the environment of a process that talks to this server
+
+    @contextmanager
+    def settings(self):
+        """This process's Prefect client, pointed at the server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api_url}):
+            yield
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.5):
+    """Poll `check()` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+    return result
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on loopback: a real API and UI, with its own PREFECT_HOME.
+
+    The scheduler service is off, so that the deployments' cron schedules create no runs
+    while tests use the server.
+    """
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    server_env.update(PREFECT_HOME=str(home / "server"), PREFECT_UI_API_URL=f"{url}/api",
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                      PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
+                             "127.0.0.1", "--port", str(port)], env=server_env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    try:
+        wait_until(healthy, 180, "prefect server start")
+        client_env = {**server_env, "PREFECT_HOME": str(home / "client"),
+                      "PREFECT_API_URL": f"{url}/api"}
+        yield PrefectServer(url=url, api_url=f"{url}/api", env=client_env)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
