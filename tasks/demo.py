@@ -8,10 +8,11 @@ from prefect.logging import get_run_logger
 
 from quantlab import demo
 from quantlab.store import Store
-from tasks.stages import IO_RETRIES
+from tasks.stages import HOUR, IO_RETRIES
 
 
-@task(name="seed-demo-data", cache_policy=NO_CACHE, tags=["quantlab", "demo", "store"], **IO_RETRIES)
+@task(name="seed-demo-data", cache_policy=NO_CACHE, tags=["quantlab", "demo", "store"],
+      timeout_seconds=0.5 * HOUR, **IO_RETRIES)
 def seed_demo_data(store: str) -> str:
     """Write scikit-learn's digits into the store as an ImageFolder (once)."""
     uri, written = demo.seed(Store(store))
@@ -19,7 +20,8 @@ def seed_demo_data(store: str) -> str:
     return uri
 
 
-@task(name="train-baseline", cache_policy=NO_CACHE, tags=["quantlab", "demo", "train"])
+@task(name="train-baseline", cache_policy=NO_CACHE, tags=["quantlab", "demo", "train"],
+      timeout_seconds=2 * HOUR)
 def train_baseline(store: str, data_uri: str, cache_dir: str) -> str:
     """Train the float MobileNetV2 on the digits once; returns the checkpoint URI."""
     logger = get_run_logger()

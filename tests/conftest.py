@@ -214,6 +214,29 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.5):
     return result
 
 
+@contextmanager
+def background(cmd: list[str], env: dict, log_path, ready, what: str, cwd=None):
+    """A long-running command (server, worker, serve) in its own session, output to
+    `log_path`; yields once `ready()` is true, and is stopped (the whole session) at the end."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
+
+    def check() -> bool:
+        assert proc.poll() is None, f"{what}: the process exited: " + log_path.read_text()[-3000:]
+        return ready()
+    try:
+        wait_until(check, 180, what, interval=1)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on loopback: a real API and UI, with its own PREFECT_HOME.
@@ -228,29 +251,16 @@ def prefect_server(tmp_path_factory):
     server_env.update(PREFECT_HOME=str(home / "server"), PREFECT_UI_API_URL=f"{url}/api",
                       PREFECT_SERVER_ANALYTICS_ENABLED="false",
                       PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
-                             "127.0.0.1", "--port", str(port)], env=server_env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/api/health", timeout=5) as r:
                 return r.status == 200
         except OSError:
             return False
-    try:
-        wait_until(healthy, 180, "prefect server start")
-        client_env = {**server_env, "PREFECT_HOME": str(home / "client"),
-                      "PREFECT_API_URL": f"{url}/api"}
-        yield PrefectServer(url=url, api_url=f"{url}/api", env=client_env)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with background([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                     "--port", str(port)], server_env, home / "server.log", healthy,
+                    "prefect server start"):
+        yield PrefectServer(url=url, api_url=f"{url}/api",
+                            env={**server_env, "PREFECT_HOME": str(home / "client"),
+                                 "PREFECT_API_URL": f"{url}/api"})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from quantlab.config import PTQ_PRESETS, load_config, parse_config
+from quantlab.config import PTQ_PRESETS, RunConfig, load_config, parse_config
 from quantlab.errors import ConfigError
 
 BASE = {"model": {"checkpoint": "float.pth"}, "data": {"uri": "data/"}}
@@ -36,6 +36,8 @@ def test_variants_by_preset_name_or_mapping():
     ({"data": {"uri": "d", "batch_size": 0}}, "data.batch_size"),
     ({"storage_options": {"secret": "hunter2"}}, "must not hold credentials (secret)"),
     ({"bogus": 1}, "bogus: unknown setting"),
+    ({"dask_address": "http://sched:8787"}, "dask_address 'http://sched:8787' must be a scheduler "
+                                            "address: HOST:PORT or PROTOCOL://HOST:PORT with PROTOCOL one of tcp"),
 ])
 def test_bad_values_name_the_value_and_the_valid_ones(patch, needle):
     with pytest.raises(ConfigError) as e:
@@ -59,3 +61,14 @@ def test_variant_names_are_unique():
         parse_config({**BASE, "variants": ["ptq-x86", "ptq-x86"]})
     with pytest.raises(ConfigError, match="unique"):
         parse_config({**BASE, "qat": {"name": "ptq-x86"}})
+
+
+def test_preset_names_are_in_the_json_schema():
+    """Prefect validates deployment parameters against the schema: `variants: [ptq-x86]` passes."""
+    import jsonschema
+
+    schema = RunConfig.model_json_schema()
+    jsonschema.validate({**BASE, "variants": ["ptq-x86", {"name": "mine"}],
+                         "dask_address": "tcp://10.0.0.5:8786"}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**BASE, "variants": ["ptq-fast"]}, schema)

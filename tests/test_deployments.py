@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -21,7 +19,7 @@ import yaml
 
 from flows.deployments import PREFECT_FILE, PROJECT_ROOT, load_deployment_specs, runner_deployments
 from tests.browser import Chromium
-from tests.conftest import make_config, wait_until
+from tests.conftest import background, make_config, wait_until
 
 POOL = "quantlab-process"
 QUANTIZE = "quantize/mobilenet-v2-nightly"
@@ -41,28 +39,6 @@ def deployed(prefect_server, tmp_path_factory):
     return out
 
 
-@contextmanager
-def background(cmd: list[str], env: dict, log_path, ready, what: str):
-    """A long-running command (worker, serve) in its own session, stopped at the end."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=PROJECT_ROOT, start_new_session=True)
-
-    def check() -> bool:
-        assert proc.poll() is None, f"{what} exited: " + log_path.read_text()[-3000:]
-        return ready()
-    try:
-        wait_until(check, 180, what, interval=1)
-        yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def worker(deployed, prefect_server, tmp_path_factory):
     """`prefect worker start --pool quantlab-process`, online."""
@@ -73,7 +49,7 @@ def worker(deployed, prefect_server, tmp_path_factory):
             return any(w.status == "ONLINE" for w in client.read_workers_for_work_pool(POOL))
     with background([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL],
                     prefect_server.env, tmp_path_factory.mktemp("worker") / "worker.log",
-                    online, "the worker to come online") as proc:
+                    online, "the worker to come online", cwd=PROJECT_ROOT) as proc:
         yield proc
 
 
@@ -98,7 +74,8 @@ def served(prefect_server, tmp_path_factory):
                 return False
     with background([sys.executable, "-m", "quantlab.cli", "serve", "--prefect-file",
                      str(tmp / "prefect.yaml")], prefect_server.env, tmp / "serve.log",
-                    registered, "quantlab serve to register its deployments") as proc:
+                    registered, "quantlab serve to register its deployments",
+                    cwd=PROJECT_ROOT) as proc:
         yield proc
 
 
