@@ -47,10 +47,13 @@ def load_deployment_specs(prefect_file: Path) -> list[dict[str, Any]]:
 
     specs, _ = _load_deploy_configs_and_actions(prefect_file=prefect_file, console=console)
     specs = [apply_values(s, os.environ, remove_notset=False) for s in specs]
-    unnamed = [s.get("entrypoint") for s in specs if not s.get("name") or not s.get("entrypoint")]
-    if not specs or unnamed:
-        raise ConfigError(f"{prefect_file} must list deployments, each with a name and an "
-                          f"entrypoint (see the messages above){f'; incomplete: {unnamed}' if unnamed else ''}")
+    if not specs:
+        raise ConfigError(f"{prefect_file} lists no valid deployments (see the messages above)")
+    incomplete = [s.get("name") or s.get("entrypoint") for s in specs
+                  if not (s.get("name") and s.get("entrypoint"))]
+    if incomplete:
+        raise ConfigError(f"{prefect_file}: every deployment needs a name and an entrypoint "
+                          f"(flows/<file>.py:<flow>); incomplete: {incomplete}")
     return specs
 
 
