@@ -51,7 +51,10 @@ def test_flow_publishes_keyed_artifacts(completed_run):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"])))
-    by_key = {a.key: a for a in arts}
+    # Keyed artifacts keep their history: take this run's (other tests run the flow too).
+    flow_run_id = next(a.flow_run_id for a in arts if a.key == "quantlab-report"
+                       and a.description == f"run {result['run_id']}")
+    by_key = {a.key: a for a in arts if a.flow_run_id == flow_run_id}
     assert set(by_key) == {"quantlab-comparison", "quantlab-report", "quantlab-progress"}
     table = by_key["quantlab-comparison"].data
     table = json.loads(table) if isinstance(table, str) else table
