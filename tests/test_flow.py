@@ -25,6 +25,7 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     store = Store(cfg.store)
     m = registry.load_manifest(store, result["run_id"])
     assert m.status == "succeeded" and m.input_size == 32
+    assert m.run_id.startswith("flow-")  # from the flow run: a retry would resume it
     assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
     for a in m.artifacts:
         registry.read_artifact(store, m, a.variant)  # sha256 matches
@@ -85,3 +86,27 @@ def test_unknown_refs_and_variants_are_named(completed_run):
         registry.pull(cfg.store, "nope")
     with pytest.raises(registry.NotFoundError, match="no variant 'ptq-y'; valid: best, float"):
         registry.pull(cfg.store, result["run_id"], variant="ptq-y")
+
+
+def test_a_retried_flow_run_resumes_its_run(prefect):
+    """Without a run id, quantize takes the flow run's id, which a retry keeps: it resumes."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from flows.quantize import with_flow_run_id
+    from quantlab.config import parse_config
+
+    cfg = parse_config({"model": {"checkpoint": "f.pth"}, "data": {"uri": "d"}})
+    attempts = []
+
+    @flow(retries=1, retry_delay_seconds=0)
+    def crashes_once():
+        attempts.append((flow_run.id, with_flow_run_id(cfg).run_id))
+        if len(attempts) == 1:
+            raise RuntimeError("lost a QAT node")
+
+    crashes_once()
+    (first_id, first_run), (second_id, second_run) = attempts
+    assert first_id == second_id and first_run == second_run == f"flow-{first_id}"
+    assert with_flow_run_id(cfg.model_copy(update={"run_id": "mine"})).run_id == "mine"
+    assert with_flow_run_id(cfg).run_id is None  # outside a flow run: start_run picks a new id
