@@ -46,12 +46,16 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
 
 def test_flow_publishes_keyed_artifacts(completed_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                ArtifactFilterKey)
 
     _, result = completed_run
+    # The session may hold other quantize runs (test_cli imports this fixture): read this one's.
+    flow_run_id = result["run_id"].removeprefix("flow-")
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"])))
+            key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     by_key = {a.key: a for a in arts}
     assert set(by_key) == {"quantlab-comparison", "quantlab-report", "quantlab-progress"}
     table = by_key["quantlab-comparison"].data
