@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from quantlab.config import RunConfig
@@ -22,9 +23,18 @@ from tasks.progress import Progress
 from tasks.runners import fan_out
 
 
+def with_flow_run_id(config: RunConfig) -> RunConfig:
+    """Without a run id, the run takes its id from the flow run, which keeps its id when it is
+    retried: a retry resumes the same run (its QAT checkpoints) instead of starting afresh."""
+    if config.run_id is None and flow_run.id is not None:
+        return config.model_copy(update={"run_id": f"flow-{flow_run.id}"})
+    return config
+
+
 @flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def quantize(config: RunConfig) -> dict:
     """Quantize a float classifier with PTQ and QAT, benchmark, and store everything."""
+    config = with_flow_run_id(config)
     progress = Progress(run_label=config.model.name)
     num_classes = stages.preflight(config)
     progress.done("validate")

@@ -2,6 +2,8 @@
 
     quantlab demo [--store URI]                       the embedded default, end to end
     quantlab run CONFIG.yaml | --model ... --checkpoint URI --data URI --store URI
+    quantlab qat CONFIG.yaml --run-id ID [--nnodes 2 --rdzv-endpoint HOST:PORT]
+                                                      one node of a (multi-node) QAT job
     quantlab runs [--store URI]                       complete runs in a store
     quantlab show RUN|ALIAS [--store URI]             one run's manifest, results and choice
     quantlab pull RUN|ALIAS [--variant NAME|best] [--dest PATH]
@@ -115,6 +117,60 @@ def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")]
     from flows.quantize import quantize
 
     _print_results(quantize(cfg))
+
+
+@app.command()
+def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
+        run_id: Annotated[str, typer.Option(help="the run to train; the same on every node")],
+        nnodes: Annotated[Optional[str], typer.Option(
+            help="nodes: N or MIN:MAX (torchrun --nnodes)")] = None,
+        rdzv_endpoint: Annotated[Optional[str], typer.Option(
+            help="HOST:PORT of the c10d rendezvous, reachable from every node")] = None,
+        nproc_per_node: Annotated[Optional[int], typer.Option(
+            help="gloo workers on this node")] = None,
+        threads_per_worker: Annotated[Optional[int], typer.Option(
+            help="torch threads per worker")] = None,
+        max_restarts: Annotated[Optional[int], typer.Option(
+            help="torchrun restarts of the worker group")] = None,
+        rdzv_id: Annotated[Optional[str], typer.Option(help="rendezvous id; default: the run id")] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="QAT epochs")] = None,
+        store: Annotated[Optional[str], typer.Option("--store", "-s", help="store root URI")] = None,
+        storage_option: StorageOpts = None,
+        ) -> None:
+    """Run one node of a run's QAT stage; start the same command on every node.
+
+    Each node stages the dataset into its own cache and starts its workers; they meet at the
+    rendezvous, and global rank 0 writes the epoch rows and checkpoints to the (shared) store.
+    A re-run with the same run id resumes from the newest checkpoint.
+    """
+    from quantlab import pipeline
+
+    _apply_storage_options(storage_option)
+    cfg = qat_config(config, run_id, nnodes, rdzv_endpoint, nproc_per_node, threads_per_worker,
+                     max_restarts, rdzv_id, epochs, store)
+    num_classes = pipeline.preflight(cfg)
+    run = pipeline.start_run(cfg)
+    staged = pipeline.stage(cfg)
+    rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=print)
+    from quantlab import report
+
+    console.print(report.epochs_table(rows, title=f"run {run.run_id}: QAT epochs"))
+    console.print(f"finish the run (PTQ, export, benchmark, report): "
+                  f"quantlab run {config} --run-id {run.run_id}")
+
+
+def qat_config(config: str, run_id: str, nnodes: str | None = None,
+               rdzv_endpoint: str | None = None, nproc_per_node: int | None = None,
+               threads_per_worker: int | None = None, max_restarts: int | None = None,
+               rdzv_id: str | None = None, epochs: int | None = None, store: str | None = None):
+    """The RunConfig one node of `quantlab qat` runs: the YAML config with the flags applied."""
+    from quantlab.config import load_config
+
+    return load_config(config, {
+        "qat.enabled": True, "qat.nnodes": nnodes, "qat.rdzv_endpoint": rdzv_endpoint,
+        "qat.world_size": nproc_per_node, "qat.threads_per_worker": threads_per_worker,
+        "qat.max_restarts": max_restarts, "qat.rdzv_id": rdzv_id, "qat.epochs": epochs,
+        "store": store, "run_id": run_id})
 
 
 @app.command()

@@ -49,6 +49,12 @@ def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
+def _check_id(field: str, v: str | None) -> str | None:
+    if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+        raise ValueError(f"{field} {v!r} must be letters, digits, '.', '_' or '-'")
+    return v
+
+
 def _check_variant_name(v: str) -> str:
     if not VARIANT_NAME.fullmatch(v):
         raise ValueError(f"variant name {v!r} must match {VARIANT_NAME.pattern} "
@@ -167,9 +173,18 @@ class QATConfig(_Model):
     weight_decay: float = Field(1e-5, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_train_batches: int | None = Field(None, ge=1, description="per epoch per worker; None: all")
-    world_size: int = Field(2, ge=1, description="gloo workers on this machine (nproc-per-node)")
+    world_size: int = Field(2, ge=1, description="gloo workers per node (torchrun "
+                            "--nproc-per-node); the job's world size is this x the nodes")
     threads_per_worker: int = Field(1, ge=1, description="torch/OMP threads in each worker")
     max_restarts: int = Field(3, ge=0, description="torchrun restarts of the worker group")
+    # Multi-node (see docs/qat.md): every node runs `quantlab qat` with the same settings.
+    nnodes: str = Field("1", description="nodes: N, or MIN:MAX for an elastic job (torchrun "
+                        "--nnodes); more than 1 needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of the c10d rendezvous, "
+                                      "reachable from every node; None: a standalone rendezvous "
+                                      "on loopback (one node)")
+    rdzv_id: str | None = Field(None, description="rendezvous id shared by the nodes; None: the run id")
+    rdzv_timeout: int = Field(600, ge=1, description="seconds to wait for the nodes to join")
 
     @field_validator("name")
     @classmethod
@@ -181,8 +196,37 @@ class QATConfig(_Model):
     def _engine(cls, v: str) -> str:
         return _check_choice("engine", v, ENGINES)
 
+    @field_validator("nnodes", mode="before")
+    @classmethod
+    def _nnodes(cls, v: Any) -> str:
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", str(v))
+        low, high = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+        if not 1 <= low <= high:
+            raise ValueError(f"nnodes {v!r} must be N or MIN:MAX with 1 <= MIN <= MAX (e.g. 2, 1:4)")
+        return str(v)
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", v) if v else None
+        if v is not None and not (m and 1 <= int(m.group(2)) <= 65535):
+            raise ValueError(f"rdzv_endpoint {v!r} must be HOST:PORT (e.g. 10.0.0.1:29400)")
+        return v
+
+    @field_validator("rdzv_id")
+    @classmethod
+    def _rdzv_id(cls, v: str | None) -> str | None:
+        return _check_id("rdzv_id", v)
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self.nnodes.split(":")[-1])
+
     @model_validator(mode="after")
     def _schedule(self) -> "QATConfig":
+        if self.max_nodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError(f"qat.nnodes={self.nnodes} needs qat.rdzv_endpoint (HOST:PORT of the "
+                             "c10d rendezvous, e.g. the first node's address and a free port)")
         for field in ("freeze_bn_after", "freeze_observers_after"):
             value = getattr(self, field)
             if value > self.epochs:
@@ -257,9 +301,7 @@ class RunConfig(_Model):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
-            raise ValueError(f"run_id {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return _check_id("run_id", v)
 
     @field_validator("dask_address")
     @classmethod

@@ -220,17 +220,23 @@ def image_folder(staged: StagedData, split: str, transform) -> datasets.ImageFol
 
 def loader(staged: StagedData, cfg: DataConfig, split: str, train: bool,
            batch_size: int | None = None, max_images: int | None = None,
-           distributed: bool = False, seed: int = 0) -> DataLoader:
+           distributed: bool = False, seed: int = 0,
+           shard: tuple[int, int, int | None] | None = None) -> DataLoader:
     """A DataLoader over a staged split.
 
     train=True: training transforms and shuffling (a DistributedSampler when `distributed`,
     so that each rank sees a distinct shard; call `loader.sampler.set_epoch(e)` per epoch).
     train=False: eval transforms, fixed order. `max_images` takes a fixed, seeded subset.
+    `shard=(rank, world_size, limit)`: of the first `limit` images (None: all), in order, the
+    images i with i % world_size == rank (no padding: the shards add up to the whole).
     """
     ds = image_folder(staged, split, build_transform(cfg.transforms, train=train))
     if max_images is not None and max_images < len(ds):
         g = torch.Generator().manual_seed(seed)
         ds = Subset(ds, torch.randperm(len(ds), generator=g)[:max_images].tolist())
+    if shard is not None:
+        rank, world_size, limit = shard
+        ds = Subset(ds, list(range(rank, min(len(ds), limit or len(ds)), world_size)))
     sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=False) if distributed else None
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size or (cfg.batch_size if train else cfg.eval_batch_size),

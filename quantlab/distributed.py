@@ -45,10 +45,18 @@ class LaunchError(QuantlabError):
 
 
 def init_process_group(threads: int | None = None) -> tuple[int, int]:
-    """Join the gloo group described by torchrun's environment; returns (rank, world_size)."""
+    """Join the gloo group described by torchrun's environment; returns (rank, world_size).
+
+    `threads` caps this worker's torch intra-op and inter-op thread pools (call it first
+    thing in the worker: the inter-op pool can only be sized before it starts).
+    """
     die_with_parent()
     if threads:
         torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # already started (a second call in the same process)
+            pass
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size()
@@ -66,39 +74,49 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 def torchrun_command(module: str, args: list[str], nproc_per_node: int, nnodes: str = "1",
                      rdzv_endpoint: str | None = None, rdzv_id: str = "quantlab",
-                     max_restarts: int = 0, node_rank: int | None = None) -> list[str]:
-    """The `python -m torch.distributed.run ...` command line for a worker module."""
+                     max_restarts: int = 0, rdzv_timeout: int = 600) -> list[str]:
+    """The `python -m torch.distributed.run ...` command line for a worker module.
+
+    Without `rdzv_endpoint`: one node, a standalone c10d rendezvous on a free loopback port.
+    With it: this node's part of a job of `nnodes` nodes ("N" or "MIN:MAX") that meet at the
+    c10d rendezvous HOST:PORT under `rdzv_id`; the node whose address matches HOST serves it.
+    c10d assigns node ranks in the order nodes join (there is no --node-rank), so global rank
+    0 may be on any node.
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
            f"--max-restarts={max_restarts}"]
     if rdzv_endpoint is None:
-        if nnodes != "1":
+        if nnodes.split(":")[-1] != "1":
             raise ValueError(f"nnodes={nnodes} needs a rendezvous endpoint (HOST:PORT)")
-        cmd.append("--standalone")  # c10d rendezvous on a free loopback port
+        cmd.append("--standalone")
     else:
         cmd += [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
-                f"--rdzv-id={rdzv_id}"]
-        if node_rank is not None:
-            cmd.append(f"--node-rank={node_rank}")
+                f"--rdzv-id={rdzv_id}", f"--rdzv-conf=join_timeout={rdzv_timeout}"]
     return [*cmd, "-m", module, *args]
 
 
 def launch(module: str, args: list[str], nproc_per_node: int, threads_per_worker: int = 1,
            nnodes: str = "1", rdzv_endpoint: str | None = None, rdzv_id: str = "quantlab",
            max_restarts: int = 0, on_line: Callable[[str], None] = print,
-           env: dict[str, str] | None = None) -> None:
-    """Run a worker group to completion, streaming its output lines to `on_line`.
+           env: dict[str, str] | None = None, rdzv_timeout: int = 600) -> None:
+    """Run this node's worker group to completion, streaming its output lines to `on_line`.
 
-    Threads: each worker gets `threads_per_worker` OpenMP/MKL/torch threads, so that N
-    workers on N cores do not oversubscribe. If this process is interrupted or cancelled, the
-    group is terminated (SIGTERM to torchrun, which stops its workers; SIGKILL after 10 s).
-    Raises LaunchError with the last lines of output when the group fails.
+    See `torchrun_command` for the rendezvous arguments. Threads: each worker gets
+    `threads_per_worker` OpenMP/MKL/torch intra-op threads (and as many inter-op threads), so
+    that N workers on N cores do not oversubscribe. If this process is interrupted or
+    cancelled, the group is terminated (SIGTERM to torchrun, which stops its workers; SIGKILL
+    after 10 s). Raises LaunchError with the last lines of output when the group fails.
     """
     cmd = torchrun_command(module, args, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id,
-                           max_restarts)
+                           max_restarts, rdzv_timeout)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
                  "OMP_NUM_THREADS": str(threads_per_worker),
                  "MKL_NUM_THREADS": str(threads_per_worker),
-                 "QUANTLAB_THREADS_PER_WORKER": str(threads_per_worker)}
+                 "QUANTLAB_THREADS_PER_WORKER": str(threads_per_worker),
+                 # Workers of a restarted group must not share the rendezvous' TCPStore:
+                 # its keys outlive the attempt, and the new gloo group would read the dead
+                 # workers' addresses (pytorch/pytorch#135712). Each attempt gets its own.
+                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     tail: deque[str] = deque(maxlen=30)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=child_env, start_new_session=True,

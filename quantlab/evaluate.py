@@ -31,9 +31,10 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
-             on_batch: Callable[[int], None] | None = None) -> EvalResult:
-    """Evaluate in eval mode on all of `loader`, or its first `max_batches` batches."""
+def count(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
+          on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, images] over `loader` (or its first `max_batches`),
+    as float64: counts from several processes add up (all_reduce) before `result_from`."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     n = c1 = c5 = 0
@@ -47,6 +48,18 @@ def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = Non
         c1, c5, n = c1 + h1, c5 + h5, n + len(target)
         if on_batch:
             on_batch(i + 1)
+    return torch.tensor([loss, c1, c5, n], dtype=torch.float64)
+
+
+def result_from(counts: torch.Tensor) -> EvalResult:
+    """EvalResult from `count`'s [loss sum, top-1 hits, top-5 hits, images]."""
+    loss, c1, c5, n = counts.tolist()
     if n == 0:
         raise ValueError("evaluation saw no images")
-    return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss / n, num_images=n)
+    return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss / n, num_images=int(n))
+
+
+def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
+             on_batch: Callable[[int], None] | None = None) -> EvalResult:
+    """Evaluate in eval mode on all of `loader`, or its first `max_batches` batches."""
+    return result_from(count(model, loader, max_batches, on_batch))

@@ -193,19 +193,33 @@ def calibrate(model: torch.nn.Module, loader) -> int:
 # -- QAT -----------------------------------------------------------------------------------
 def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: int,
               on_line: Callable[[str], None] = print) -> list[dict]:
-    """Launch the QAT workers (torchrun, gloo) and wait; returns this run's epoch rows.
+    """Launch this node's QAT workers (torchrun, gloo) and wait; returns the run's epoch rows.
 
-    Resumes from the run's newest checkpoint in the store, if any.
+    One node by default; with `qat.nnodes` and `qat.rdzv_endpoint`, this node's part of a
+    multi-node job (every node calls this with the same config and run). Resumes from the
+    run's newest checkpoint in the store; launches nothing when every epoch is done.
     """
+    q = cfg.qat
+    done = qat.latest_checkpoint(store_of(cfg), run.run_id)
+    if done >= q.epochs:
+        on_line(f"all {q.epochs} QAT epochs of run {run.run_id} are already done")
+        return qat_epochs(cfg, run)
+    num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    num_threads = q.world_size * (q.threads_per_worker + cfg.data.num_workers)
+    if num_cores and num_threads > num_cores:
+        log.warning("QAT: %d workers x (%d threads + %d loader processes) on %d cores "
+                    "oversubscribes this node", q.world_size, q.threads_per_worker,
+                    cfg.data.num_workers, num_cores)
     job = qat.QatJob(config=cfg, staged=staged, run_id=run.run_id, run_date=run.created_at,
                      num_classes=num_classes)
     with tempfile.TemporaryDirectory(prefix="quantlab-qat-") as tmp:
         path = os.path.join(tmp, "job.json")
         with open(path, "w") as f:
             f.write(job.model_dump_json())
-        launch("quantlab.qat", ["--job", path], nproc_per_node=cfg.qat.world_size,
-               threads_per_worker=cfg.qat.threads_per_worker, max_restarts=cfg.qat.max_restarts,
-               on_line=on_line)
+        launch("quantlab.qat", ["--job", path], nproc_per_node=q.world_size,
+               threads_per_worker=q.threads_per_worker, nnodes=q.nnodes,
+               rdzv_endpoint=q.rdzv_endpoint, rdzv_id=q.rdzv_id or run.run_id,
+               rdzv_timeout=q.rdzv_timeout, max_restarts=q.max_restarts, on_line=on_line)
     return qat_epochs(cfg, run)
 
 

@@ -1,35 +1,20 @@
 """Quantization-aware training: the tutorial's schedule as a torch.distributed (gloo) job.
 
-Launched the torchrun way, one process per worker (see quantlab.distributed.launch):
+Launched the torchrun way, one process per worker (see quantlab.distributed.launch and
+`quantlab qat`, which runs one node of a job):
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m quantlab.qat --job job.json
 
-Each worker builds the float model, fuses it for QAT and inserts fake quantization
-(prepare_qat) *before* wrapping it in DistributedDataParallel, then fine-tunes with SGD.
-After epoch `freeze_bn_after` BatchNorm statistics freeze, after `freeze_observers_after`
-the observers freeze, on every rank at the same epoch (the schedule is a pure function of the
-epoch number). After every epoch rank 0 converts a CPU deep copy of the unwrapped model to
-int8, evaluates it, writes the epoch's `qat_epochs` row and a checkpoint to the store.
+Each worker builds the float model, fuses it and inserts fake quantization (prepare_qat)
+*before* wrapping it in DistributedDataParallel, fine-tunes with SGD on its own shard
+(DistributedSampler, set_epoch), and freezes BatchNorm statistics and observers at epochs fixed
+by the config, on every rank. After every epoch, rank 0's buffers are broadcast so all ranks
+hold the same ranges; global rank 0 converts a CPU deep copy of the unwrapped model to int8,
+evaluates it, and writes the epoch's `qat_epochs` row, then a checkpoint, to the store. A
+(re)started group resumes from the newest checkpoint.
 
-Decisions, and why:
-- Batch size and learning rate: `data.batch_size` is per worker, so the effective batch is
-  batch_size x world_size. The learning rate is used as given (not scaled with world size): QAT
-  fine-tunes a trained model with a small rate, and the tutorial's 1e-4 was chosen for that.
-  Scale it yourself (linear rule) if you grow the world size a lot.
-- BatchNorm: no SyncBatchNorm. BN statistics are frozen after a few epochs anyway, and before
-  that DDP broadcasts rank 0's buffers (BN running stats, observer min/max, fake-quant scales)
-  to every rank at each forward (broadcast_buffers=True). So ranges and statistics are the
-  same on every rank by construction, computed from rank 0's shard. We do not all-reduce
-  observer ranges: with shuffled shards of the same distribution, rank 0's running ranges
-  converge to the same values, and an all-reduce per step would cost one collective per
-  observer (~100 on MobileNetV2) over gloo.
-- Threads: torchrun starts each worker with OMP_NUM_THREADS = threads_per_worker and the worker
-  calls torch.set_num_threads with it; DataLoader workers default to 0 (in-process loading).
-- Resume: a checkpoint per epoch holds model, optimizer, scheduler, epoch, the freeze state and
-  every rank's RNG state. A (re)started group loads the newest one and continues from the next
-  epoch: after torchrun restarts a group whose worker died, and when a flow is re-run.
-  Each epoch's metrics row is written before its checkpoint, under a name fixed by the epoch,
-  so a retried epoch rewrites its row: every epoch appears exactly once.
+Why it is done this way (batch size and learning rate with world size, no SyncBatchNorm,
+observer ranges, threads, resume, evaluation on rank 0): docs/qat.md.
 """
 
 from __future__ import annotations
@@ -40,6 +25,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 from datetime import datetime
 
@@ -49,12 +35,11 @@ from pydantic import BaseModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from quantlab import data, metrics, models, registry
+from quantlab import data, evaluate, metrics, models, registry
 from quantlab.backend import get_backend
 from quantlab.config import RunConfig
 from quantlab.data import StagedData
 from quantlab.distributed import init_process_group
-from quantlab.evaluate import evaluate
 from quantlab.store import Store
 from quantlab.train import train_one_epoch
 
@@ -170,8 +155,63 @@ def parse_event(line: str) -> dict | None:
 
 
 # -- the worker ----------------------------------------------------------------------------
-def train(job: QatJob) -> None:
-    """The QAT loop of one worker (rank) of an initialised process group."""
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers: observer ranges, fake-quant scales and zero
+    points, BatchNorm statistics, freeze flags.
+
+    DDP broadcasts them before every training forward, but the last forward of an epoch
+    updates each rank's copy from its own shard; this makes them equal again before they are
+    frozen, converted or saved. One broadcast per dtype.
+    """
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in model.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.broadcast(flat, src)
+        for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(part.view_as(b))
+
+
+def train_loader(job: QatJob):
+    """This rank's shard of train/ (a DistributedSampler: call set_epoch every epoch)."""
+    return data.loader(job.staged, job.config.data, "train", train=True, distributed=True,
+                       seed=job.config.seed)
+
+
+def val_shard_loader(job: QatJob):
+    """This rank's strided shard of the images a single-process evaluation would see."""
+    d = job.config.data
+    limit = d.max_eval_batches * d.eval_batch_size if d.max_eval_batches else None
+    return data.loader(job.staged, d, "val", train=False,
+                       shard=(dist.get_rank(), dist.get_world_size(), limit))
+
+
+def resume_epoch(store: Store, run_id: str) -> int:
+    """The newest checkpointed epoch, as global rank 0 sees it, agreed by every rank."""
+    latest = [latest_checkpoint(store, run_id) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(latest, src=0)
+    return latest[0]
+
+
+def run_date(store: Store, job: QatJob) -> datetime:
+    """The run's creation time as stored in run.json (partition of the metric rows).
+
+    With several nodes each launcher may have created run.json; all of them finished before
+    the rendezvous, so the stored one is final and every attempt writes to the same file.
+    """
+    rel = f"{registry.run_dir(job.run_id)}/run.json"
+    if store.exists(rel):
+        return datetime.fromisoformat(store.read_json(rel)["created_at"])
+    return job.run_date
+
+
+def train(job: QatJob) -> nn.Module:
+    """The QAT loop of one worker (rank) of an initialised process group.
+
+    Returns the trained QAT model (unwrapped from DDP; the same on every rank).
+    """
     cfg, q = job.config, job.config.qat
     rank, world_size = dist.get_rank(), dist.get_world_size()
     store = Store(cfg.store, cfg.storage_options)
@@ -179,7 +219,7 @@ def train(job: QatJob) -> None:
 
     model = build_qat_model(cfg, job.num_classes)
     optimizer, scheduler = make_optimizer(cfg, model)
-    start = latest_checkpoint(store, job.run_id) + 1
+    start = resume_epoch(store, job.run_id) + 1
     observers_frozen = bn_frozen = False
     if start > 1:
         ckpt = load_checkpoint(store, job.run_id, start - 1)
@@ -191,18 +231,22 @@ def train(job: QatJob) -> None:
                  start - 1, start, q.epochs)
     if start > q.epochs:
         log.info("all %d epochs are already done", q.epochs)
-        return
+        return model
 
     ddp = DDP(model)  # after prepare_qat: DDP sees the fake-quant modules and their buffers
-    train_loader = data.loader(job.staged, cfg.data, "train", train=True, distributed=True,
-                               seed=cfg.seed)
-    val_loader = data.loader(job.staged, cfg.data, "val", train=False) if rank == 0 else None
+    loader = train_loader(job)
+    log.info("worker %s of node %s: a shard of %d of %d training images, %d threads",
+             os.environ.get("LOCAL_RANK", "0"), socket.gethostname(), len(loader.sampler),
+             len(loader.dataset), torch.get_num_threads())
+    val_loader = val_shard_loader(job)
+    date = run_date(store, job) if rank == 0 else job.run_date
 
     for epoch in range(start, q.epochs + 1):
-        train_loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(ddp, train_loader, optimizer, max_batches=q.max_train_batches)
+        stats = train_one_epoch(ddp, loader, optimizer, max_batches=q.max_train_batches)
         scheduler.step()
+        broadcast_buffers(model)
         # Every rank takes the same decision from the epoch number alone.
         observers_frozen, bn_frozen = freeze_state(cfg, epoch)
         apply_freeze(model, observers_frozen, bn_frozen)
@@ -214,10 +258,13 @@ def train(job: QatJob) -> None:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # the epoch lasts as long as the slowest rank
         rng_states = [None] * world_size
         dist.all_gather_object(rng_states, torch.get_rng_state())
+        # Every rank holds the same model now: each converts a CPU deep copy and evaluates its
+        # shard of val/; the counts add up to a whole-of-val/ evaluation.
+        eval_counts = evaluate.count(get_backend().convert(model, q.engine), val_loader)
+        dist.all_reduce(eval_counts, op=dist.ReduceOp.SUM)
 
         if rank == 0:
-            int8 = get_backend().convert(model, q.engine)  # a converted deep copy, on CPU
-            result = evaluate(int8, val_loader, max_batches=cfg.data.max_eval_batches)
+            result = evaluate.result_from(eval_counts)
             num_images = int(sums[2])
             row = EpochRow(run_id=job.run_id, epoch=epoch, world_size=world_size,
                            train_loss=float(sums[0]) / max(num_images, 1),
@@ -226,7 +273,7 @@ def train(job: QatJob) -> None:
                            observer_frozen=observers_frozen, bn_frozen=bn_frozen, lr=lr,
                            seconds=float(seconds), images_per_sec=num_images / float(seconds))
             metrics.write_rows(store, "qat_epochs", [row.model_dump()], job.run_id,
-                               f"epoch-{epoch:04d}", job.run_date)
+                               f"epoch-{epoch:04d}", date)
             save_checkpoint(store, job.run_id, epoch, model, optimizer, scheduler,
                             observers_frozen, bn_frozen, rng_states)
             log.info("epoch %d/%d: loss %.4f, train top-1 %.2f, int8 val top-1 %.2f top-5 %.2f, "
@@ -235,9 +282,11 @@ def train(job: QatJob) -> None:
                      ", BN frozen" if bn_frozen else "", ", observers frozen" if observers_frozen else "")
             emit("epoch", **row.model_dump())
         dist.barrier()  # no rank starts the next epoch before the checkpoint exists
+    return model
 
 
-def main(argv: list[str] | None = None) -> int:
+def start_worker(argv: list[str] | None = None) -> QatJob:
+    """A worker's setup: read --job, size the thread pools, join the group, set up logging."""
     parser = argparse.ArgumentParser(description="quantlab QAT worker (start it with torchrun)")
     parser.add_argument("--job", required=True, help="path of the QatJob JSON file")
     args = parser.parse_args(argv)
@@ -249,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
                         format=f"[rank {rank}/{world_size}] %(message)s", force=True)
     logging.getLogger("quantlab").setLevel(logging.INFO)
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    job = start_worker(argv)
     try:
         train(job)
     finally:

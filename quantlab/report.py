@@ -69,6 +69,19 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
     return table
 
 
+def epochs_table(qat_epochs: Sequence[dict], title: str = "") -> Table:
+    """A run's `qat_epochs` rows as a terminal table (what `quantlab qat` prints)."""
+    table = Table(title=title or None)
+    for col in ("epoch", "world size", "train loss", "train top-1 %", "int8 top-1 %", "BN frozen",
+                "observers frozen", "img/s"):
+        table.add_column(col, justify="right")
+    for e in sorted(qat_epochs, key=lambda e: e["epoch"]):
+        table.add_row(str(e["epoch"]), str(e["world_size"]), f"{e['train_loss']:.4f}",
+                      f"{e['train_top1']:.2f}", f"{e['eval_top1']:.2f}", "yes" if e["bn_frozen"] else "no",
+                      "yes" if e["observer_frozen"] else "no", f"{e['images_per_sec']:.1f}")
+    return table
+
+
 def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str, str]]:
     """Formatted rows (strings), shared by the terminal table, markdown and Prefect artifacts."""
     out = []

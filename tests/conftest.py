@@ -176,6 +176,17 @@ def tiny_config(tiny_dataset, tiny_checkpoint, tmp_path) -> RunConfig:
     return make_config(tiny_dataset, tiny_checkpoint, str(tmp_path / "store"), str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def run_ctx(tiny_config):
+    """A started run of `tiny_config`: (config, RunInfo, StagedData, num_classes)."""
+    from quantlab import pipeline
+
+    num_classes = pipeline.preflight(tiny_config)
+    run = pipeline.start_run(tiny_config)
+    staged = pipeline.stage(tiny_config)
+    return tiny_config, run, staged, num_classes
+
+
 # -- Prefect --------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def prefect(tmp_path_factory):

@@ -25,6 +25,7 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     store = Store(cfg.store)
     m = registry.load_manifest(store, result["run_id"])
     assert m.status == "succeeded" and m.input_size == 32
+    assert m.run_id.startswith("flow-")  # from the flow run: a retry would resume it
     assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
     for a in m.artifacts:
         registry.read_artifact(store, m, a.variant)  # sha256 matches
@@ -45,16 +46,17 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
 
 def test_flow_publishes_keyed_artifacts(completed_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                ArtifactFilterKey)
 
     _, result = completed_run
+    # The session may hold other quantize runs (test_cli imports this fixture): read this one's.
+    flow_run_id = result["run_id"].removeprefix("flow-")
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"])))
-    # Keyed artifacts keep their history: take this run's (other tests run the flow too).
-    flow_run_id = next(a.flow_run_id for a in arts if a.key == "quantlab-report"
-                       and a.description == f"run {result['run_id']}")
-    by_key = {a.key: a for a in arts if a.flow_run_id == flow_run_id}
+            key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in arts}
     assert set(by_key) == {"quantlab-comparison", "quantlab-report", "quantlab-progress"}
     table = by_key["quantlab-comparison"].data
     table = json.loads(table) if isinstance(table, str) else table
@@ -88,3 +90,27 @@ def test_unknown_refs_and_variants_are_named(completed_run):
         registry.pull(cfg.store, "nope")
     with pytest.raises(registry.NotFoundError, match="no variant 'ptq-y'; valid: best, float"):
         registry.pull(cfg.store, result["run_id"], variant="ptq-y")
+
+
+def test_a_retried_flow_run_resumes_its_run(prefect):
+    """Without a run id, quantize takes the flow run's id, which a retry keeps: it resumes."""
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    from flows.quantize import with_flow_run_id
+    from quantlab.config import parse_config
+
+    cfg = parse_config({"model": {"checkpoint": "f.pth"}, "data": {"uri": "d"}})
+    attempts = []
+
+    @flow(retries=1, retry_delay_seconds=0)
+    def crashes_once():
+        attempts.append((flow_run.id, with_flow_run_id(cfg).run_id))
+        if len(attempts) == 1:
+            raise RuntimeError("lost a QAT node")
+
+    crashes_once()
+    (first_id, first_run), (second_id, second_run) = attempts
+    assert first_id == second_id and first_run == second_run == f"flow-{first_id}"
+    assert with_flow_run_id(cfg.model_copy(update={"run_id": "mine"})).run_id == "mine"
+    assert with_flow_run_id(cfg).run_id is None  # outside a flow run: start_run picks a new id

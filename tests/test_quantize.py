@@ -30,14 +30,6 @@ def test_unsupported_engine_is_refused(monkeypatch):
         check_engine("qnnpack")
 
 
-@pytest.fixture
-def run_ctx(tiny_config):
-    num_classes = pipeline.preflight(tiny_config)
-    run = pipeline.start_run(tiny_config)
-    staged = pipeline.stage(tiny_config)
-    return tiny_config, run, staged, num_classes
-
-
 def test_ptq_variants_convert_evaluate_and_store(run_ctx):
     cfg, run, staged, _ = run_ctx
     float_eval = pipeline.evaluate_float(cfg, staged)
@@ -65,30 +57,6 @@ def test_int8_artifact_runs_with_plain_torch_jit_load(run_ctx, tmp_path):
             "assert 'quantlab' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
-
-
-def test_qat_on_two_gloo_workers_then_export(run_ctx):
-    cfg, run, staged, num_classes = run_ctx
-    cfg = cfg.model_copy(update={"qat": cfg.qat.model_copy(update={
-        "epochs": 2, "freeze_bn_after": 1, "freeze_observers_after": 2, "max_train_batches": 2})})
-    lines = []
-    rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=lines.append)
-    assert [r["epoch"] for r in rows] == [1, 2]
-    assert [(r["bn_frozen"], r["observer_frozen"]) for r in rows] == [(True, False), (True, True)]
-    assert all(r["world_size"] == 2 and r["images_per_sec"] > 0 for r in rows)
-    # 2 workers x 2 batches x 8 images, each rank on its own shard
-    assert any("[rank 0/2] epoch 1/2" in line for line in lines)
-    assert any(qat.parse_event(line) for line in lines)
-    store = Store(cfg.store)
-    assert qat.latest_checkpoint(store, run.run_id) == 2
-    ckpt = qat.load_checkpoint(store, run.run_id, 2)
-    assert ckpt["epoch"] == 2 and ckpt["observers_frozen"] and len(ckpt["rng_states"]) == 2
-    result = pipeline.export_qat(cfg, staged, run, num_classes)
-    assert result.method == "qat" and result.eval.num_images == 24
-    # A re-launch of a finished run resumes past the last epoch: nothing is retrained.
-    again = pipeline.train_qat(cfg, staged, run, num_classes, on_line=lines.append)
-    assert [r["epoch"] for r in again] == [1, 2]
-    assert any("all 2 epochs are already done" in line for line in lines)
 
 
 def test_converted_model_is_a_copy(tiny_config, tiny_dataset):
