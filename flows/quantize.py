@@ -3,8 +3,11 @@
     python flows/quantize.py run.yaml        # a local run against the ephemeral Prefect API
     quantlab run run.yaml                     # the same, through the CLI
 
-Stages: validate, stage data, float baseline, PTQ variants in parallel, multi-epoch QAT on
-gloo workers, convert and script, benchmark, report. The run's manifest is written last.
+Stages: validate, stage data, float baseline, PTQ variants in parallel, per-layer sensitivity
+and the float-fallback variant, multi-epoch QAT on gloo workers, convert and script,
+benchmark, regression gate, report. The run's manifest is written last. If the gate finds a
+regression against the previous best-<model>, the run is recorded as rejected (`best` stays)
+and the flow run fails with the gate's reason.
 Staging and the float evaluation are reused from an earlier run with the same content. The PTQ
 variants fan out on the flow's threads, or over a Dask cluster when `config.dask_address` is set.
 """
@@ -18,6 +21,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from quantlab.config import RunConfig
+from quantlab.errors import RegressionError
 from tasks import stages
 from tasks.progress import Progress
 from tasks.runners import fan_out
@@ -50,6 +54,13 @@ def quantize(config: RunConfig) -> dict:
                for v in config.variants]
         results += [f.result(timeout=stages.TIMEOUTS["ptq"]) for f in ptq]
     progress.done("ptq")
+    ranking = None
+    if config.sensitivity.enabled:
+        ranking = stages.sensitivity(config, staged, run)
+        if config.fallback_name:
+            base = next(r for r in results if r.variant == ranking.variant)
+            results.append(stages.ptq_fallback(config, staged, run, base, float_eval, ranking))
+    progress.done("fallback")
 
     epochs: list[dict] = []
     if config.qat.enabled:
@@ -60,9 +71,17 @@ def quantize(config: RunConfig) -> dict:
 
     latencies = stages.benchmark(config, run, [r.artifact for r in results])
     progress.done("benchmark")
-    manifest = stages.finalize(config, run, staged, results, latencies, epochs)
+    gate = stages.regression_gate(config, run, staged, results, latencies)
+    progress.done("gate")
+    manifest = stages.finalize(config, run, staged, results, latencies, epochs, ranking, gate)
     progress.done("report")
+    if gate is not None and not gate.passed:
+        raise RegressionError(f"run {run.run_id} rejected, best-{config.model.name} not moved: "
+                              f"{gate.reason}")
     return {"run_id": run.run_id, "store": config.store, "selected": manifest.selected.variant,
+            "reason": manifest.selected.reason,
+            "most_sensitive": [x.model_dump() for x in ranking.layers[:5]] if ranking else [],
+            "gate": gate.reason if gate else None,
             "results": [r.model_dump() for r in manifest.results]}
 
 

@@ -3,26 +3,40 @@
 quantlab implements the eager-mode recipe (torch.ao.quantization: fuse, qconfig, prepare,
 calibrate, convert; prepare_qat and fake quantization). Everything that recipe does to a model
 goes through `QuantBackend`, so that another backend (PT2E with torch.export, for example)
-can be added by implementing the same five methods.
+can be added by implementing the same methods.
 
     backend = get_backend()                                   # EagerBackend
     observed = backend.prepare_ptq(float_model, variant)      # fused, observers inserted
     ...run calibration batches through `observed`...
     int8 = backend.convert(observed)                          # a new int8 module
+
+Mixed precision, for the per-layer sensitivity and the float fallback (quantlab.sensitivity):
+
+    backend.quantizable_layers(fused)                 # conv/linear layers PTQ turns into int8
+    backend.prepare_ptq(model, variant, float_layers=["features.1.conv.0"])
+    backend.prepare_isolated(model, variant)          # every layer quantized on its own
+
+In eager mode a module's input and output are quantized tensors once converted, so a layer kept
+in float is wrapped as DeQuantStub -> layer -> QuantStub (`FloatIsland`): its neighbours,
+including FloatFunctional adds of residual blocks, still receive quantized tensors. A layer
+quantized alone inside a float model is the converse, torch's `QuantWrapper`
+(QuantStub -> layer -> DeQuantStub).
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.ao.quantization as tq
 from torch import nn
 from torch.ao.nn.intrinsic import qat as nniqat
+from torch.ao.nn.intrinsic.modules.fused import _FusedModule
+from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
 from quantlab import models
 from quantlab.config import VariantConfig
@@ -33,11 +47,33 @@ from quantlab.errors import ConfigError
 _ENGINE_LOCK = threading.RLock()
 
 
+class Layer(NamedTuple):
+    """A quantizable layer of a fused float model: its module path, class and weight count."""
+
+    name: str
+    op_type: str
+    num_params: int
+
+
 class QuantBackend(Protocol):
     name: str
 
-    def prepare_ptq(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
-        """An eval-mode float model, fused and with observers, ready for calibration."""
+    def prepare_ptq(self, model: nn.Module, variant: VariantConfig,
+                    float_layers: Sequence[str] = ()) -> nn.Module:
+        """An eval-mode float model, fused and with observers, ready for calibration.
+
+        `float_layers` (paths from `quantizable_layers`) stay in float after convert.
+        """
+
+    def quantizable_layers(self, fused: nn.Module) -> list[Layer]:
+        """The conv/linear layers of a fused float model that PTQ turns into int8, in order."""
+
+    def prepare_isolated(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
+        """Fused, with every quantizable layer observed on its own and the rest left float.
+
+        After calibration and `convert`, the module at each layer's path takes and returns
+        float tensors and quantizes only that layer (with the variant's qconfig).
+        """
 
     def convert(self, model: nn.Module, engine: str) -> nn.Module:
         """A new int8 model (CPU, eval) from an observed or QAT model; the input is untouched."""
@@ -94,10 +130,42 @@ class EagerBackend:
 
     name = "eager"
 
-    def prepare_ptq(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
+    def prepare_ptq(self, model: nn.Module, variant: VariantConfig,
+                    float_layers: Sequence[str] = ()) -> nn.Module:
         check_engine(variant.engine)
         models.fuse(model, is_qat=False)
+        known = {layer.name for layer in self.quantizable_layers(model)}
+        unknown = sorted(set(float_layers) - known)
+        if unknown:
+            raise ConfigError(f"float layers {', '.join(unknown)} are not quantizable layers of "
+                              f"this model; valid: {', '.join(sorted(known))}")
+        for name in float_layers:
+            model.set_submodule(name, FloatIsland(model.get_submodule(name)))
         model.qconfig = qconfig_for(variant)
+        return tq.prepare(model, inplace=False)
+
+    def quantizable_layers(self, fused: nn.Module) -> list[Layer]:
+        mapped = get_default_static_quant_module_mappings()
+        weighted = (nn.modules.conv._ConvNd, nn.Linear)
+        out: list[Layer] = []
+        for name, module in fused.named_modules():
+            if out and name.startswith(f"{out[-1].name}."):
+                continue  # inside a fused layer (named_modules is depth first)
+            first = module[0] if isinstance(module, _FusedModule) else module
+            if type(module) in mapped and isinstance(first, weighted):
+                out.append(Layer(name, type(module).__name__,
+                                 sum(p.numel() for p in module.parameters())))
+        return out
+
+    def prepare_isolated(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
+        check_engine(variant.engine)
+        models.fuse(model, is_qat=False)
+        qconfig = qconfig_for(variant)
+        for layer in self.quantizable_layers(model):
+            wrapper = tq.QuantWrapper(model.get_submodule(layer.name))
+            wrapper.qconfig = qconfig
+            model.set_submodule(layer.name, wrapper)
+        model.qconfig = None
         return tq.prepare(model, inplace=False)
 
     def convert(self, model: nn.Module, engine: str) -> nn.Module:
@@ -117,6 +185,25 @@ class EagerBackend:
 
     def freeze_bn_stats(self, model: nn.Module) -> None:
         model.apply(nniqat.freeze_bn_stats)
+
+
+class FloatIsland(nn.Module):
+    """A layer kept in float inside an int8 model: dequantize its input, run it, requantize.
+
+    The QuantStub gets the model's qconfig, so after convert it quantizes the layer's float
+    output with the scale its own observer recorded, which is what the layer's output observer
+    would have recorded had it been quantized.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        module.qconfig = None  # explicit None is not overridden by the parent's qconfig
+        self.dequant = tq.DeQuantStub()
+        self.module = module
+        self.quant = tq.QuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant(self.module(self.dequant(x)))
 
 
 _BACKENDS: dict[str, QuantBackend] = {"eager": EagerBackend()}

@@ -11,7 +11,7 @@
     quantlab serve [--prefect-file ...]                  serve them from this process
 
 A user's mistake prints one line naming the bad value and the valid ones, and exits 2;
-`--debug` shows the traceback.
+a run that the regression gate rejected exits 3; `--debug` shows the traceback.
 
 The CLI lives in quantlab but imports flows (and Prefect) only inside the commands that run
 them: the library itself never imports Prefect.
@@ -28,7 +28,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import QuantlabError, RegressionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn float PyTorch image classifiers into fast int8 models.")
@@ -67,7 +67,18 @@ def _print_results(result: dict) -> None:
 
     rows = [ResultRow.model_validate(r) for r in result["results"]]
     console.print(report.rich_table(rows, result["selected"], title=f"run {result['run_id']}"))
-    console.print(f"selected [bold]{result['selected']}[/bold]; artifacts in "
+    if result.get("most_sensitive"):
+        console.print("most sensitive layers: " + ", ".join(
+            f"{x['layer']} ({x['op_type']}, top-1 drop {x['top1_drop']:.2f}, "
+            f"logits SQNR {x['output_sqnr_db']:.1f} dB)"
+            for x in result["most_sensitive"]))
+    for r in rows:
+        if r.float_layers:
+            console.print(f"{r.variant} keeps in float: {', '.join(r.float_layers)}")
+    if result.get("gate"):
+        console.print(f"regression gate: {result['gate']}")
+    console.print(f"selected [bold]{result['selected']}[/bold]: {result.get('reason', '')}")
+    console.print("artifacts in "
                   f"{result['store']}/runs/{result['run_id']}/  "
                   f"(pull: quantlab pull {result['run_id']} --store {result['store']})")
 
@@ -183,7 +194,8 @@ def runs(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
 
     _apply_storage_options(storage_option)
     table = Table(title=f"runs in {store}")
-    for col in ("run id", "finished (UTC)", "model", "status", "best variant", "top-1 %", "speed-up"):
+    for col in ("run id", "finished (UTC)", "model", "status", "selected variant", "top-1 %",
+                "speed-up"):
         table.add_column(col)
     for m in list_runs(Store(store)):
         best = next(r for r in m.results if r.variant == m.selected.variant)
@@ -212,6 +224,14 @@ def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
     console.print(report.rich_table(m.results, m.selected.variant,
                                     title=f"run {m.run_id}: {m.model} ({m.status})"))
     console.print(f"selected [bold]{m.selected.variant}[/bold]: {m.selected.reason}")
+    for r in m.results:
+        if r.float_layers:
+            console.print(f"{r.variant} keeps in float: {', '.join(r.float_layers)}")
+    if m.gate is None:
+        console.print("regression gate: disabled")
+    else:
+        verdict = "passed" if m.gate.passed else "[red]FAILED[/red] (best was not moved)"
+        console.print(f"regression gate {verdict}: {m.gate.reason}")
     console.print(f"dataset {m.dataset.uri} ({m.dataset.fingerprint[:16]}…), "
                   f"{m.dataset.num_train} train / {m.dataset.num_val} val")
     for a in m.artifacts:
@@ -266,7 +286,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(3 if isinstance(e, RegressionError) else 2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except typer.Abort:

@@ -251,6 +251,35 @@ class BenchConfig(_Model):
         return v
 
 
+class SensitivityConfig(_Model):
+    """Per-layer sensitivity of one PTQ variant, and its automatic float-fallback variant.
+
+    Sensitivity: each quantizable layer quantized on its own (the rest float), measured on the
+    first `num_batches` batches of the variant's calibration images (quantlab.sensitivity).
+    Fallback: `<variant>-fallback` keeps the most sensitive layers in float, adding them one at
+    a time until its val top-1 is within `max_accuracy_drop` of float or it holds
+    `max_float_layers` float layers.
+    """
+
+    enabled: bool = True
+    variant: str | None = Field(None, description="name of the PTQ variant to analyse and "
+                                "patch; None: the last of `variants` (ptq-x86 by default)")
+    num_batches: int | None = Field(None, ge=1, description="batches of data.batch_size images; "
+                                    "None: the variant's num_calibration_batches")
+    fallback: bool = Field(True, description="build the <variant>-fallback variant")
+    max_float_layers: int = Field(8, ge=1, description="most layers the fallback keeps in float")
+
+
+class GateConfig(_Model):
+    """The regression gate: a run's selected model replaces `best-<model>` only if it is not
+    worse than the current one, both measured in this run (see quantlab.pipeline.regression_gate).
+    """
+
+    enabled: bool = True
+    max_latency_increase: float = Field(0.10, ge=0, description="batch-1 latency rise allowed, "
+                                        "as a fraction (0.10 = 10%)")
+
+
 class RunConfig(_Model):
     """Everything a `quantize` run needs."""
 
@@ -267,7 +296,10 @@ class RunConfig(_Model):
     qat: QATConfig = QATConfig()
     bench: BenchConfig = BenchConfig()
     max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points below float allowed "
-                                     "when selecting the variant to ship")
+                                     "when selecting the variant to ship; also the drop below "
+                                     "the previous best that the regression gate allows")
+    sensitivity: SensitivityConfig = Field(SensitivityConfig(), validate_default=True)
+    gate: GateConfig = GateConfig()
     seed: int = 0
     run_id: str | None = Field(None, description="None: a new id; an existing id resumes it")
     dask_address: str | None = Field(
@@ -313,14 +345,43 @@ class RunConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":
-        names = [v.name for v in self.variants] + ([self.qat.name] if self.qat.enabled else [])
+        ptq = [v.name for v in self.variants]
+        if self.sensitivity.enabled and self.sensitivity.variant not in ptq:
+            raise ValueError(f"sensitivity.variant {self.sensitivity.variant!r} is not one of the "
+                             f"run's PTQ variants; valid: {', '.join(ptq) or 'none (add one)'} "
+                             "(or set sensitivity.enabled: false)")
+        names = self.variant_names()
         dupes = sorted({n for n in names if names.count(n) > 1} | ({"float"} & set(names)))
         if dupes:
             raise ValueError(f"variant names must be unique and not 'float': {', '.join(dupes)}")
         return self
 
+    @field_validator("sensitivity")
+    @classmethod
+    def _default_sensitivity_variant(cls, v: SensitivityConfig, info) -> SensitivityConfig:
+        variants = info.data.get("variants") or ()
+        if v.variant is None and variants:
+            return v.model_copy(update={"variant": variants[-1].name})
+        return v
+
+    @property
+    def fallback_name(self) -> str | None:
+        """Name of the float-fallback variant, None when the run builds none."""
+        s = self.sensitivity
+        return f"{s.variant}-fallback" if s.enabled and s.fallback else None
+
     def variant_names(self) -> list[str]:
-        return [v.name for v in self.variants] + ([self.qat.name] if self.qat.enabled else [])
+        return ([v.name for v in self.variants]
+                + ([self.fallback_name] if self.fallback_name else [])
+                + ([self.qat.name] if self.qat.enabled else []))
+
+    def variant(self, name: str) -> VariantConfig:
+        """The PTQ variant called `name`."""
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise ConfigError(f"no PTQ variant {name!r}; valid: "
+                          f"{', '.join(v.name for v in self.variants)}")
 
 
 def parse_config(data: dict[str, Any]) -> RunConfig:

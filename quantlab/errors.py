@@ -27,3 +27,7 @@ class IntegrityError(QuantlabError):
 
 class NotFoundError(QuantlabError, LookupError):
     """A run, alias or variant that the store does not hold."""
+
+
+class RegressionError(QuantlabError):
+    """The regression gate refused a run's model: worse than the current best (see manifest)."""

@@ -52,6 +52,17 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("lr", pa.float64()), ("seconds", pa.float64()), ("images_per_sec", pa.float64()),
         ("created_at", _TS),
     ]),
+    # One layer quantized alone, the rest float (method: quantlab/sensitivity.py).
+    "sensitivity": pa.schema([
+        ("run_id", pa.string()), ("variant", pa.string()), ("model", pa.string()),
+        ("rank", pa.int64()),                # 1 = most sensitive
+        ("layer", pa.string()),              # module path in the fused float model
+        ("op_type", pa.string()), ("num_params", pa.int64()),
+        ("top1", pa.float64()),              # percent, on the sensitivity subset
+        ("top1_drop", pa.float64()),         # float top-1 on the subset minus top1, points
+        ("layer_sqnr_db", pa.float64()), ("output_sqnr_db", pa.float64()),
+        ("num_images", pa.int64()), ("created_at", _TS),
+    ]),
 }
 
 _PART = re.compile(r"^[A-Za-z0-9._-]+$")

@@ -11,14 +11,21 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
     float_eval = evaluate_float(cfg, staged)
     results = [export_float(cfg, staged, run, float_eval)]
     results += [ptq_variant(cfg, staged, run, v) for v in cfg.variants]
+    ranking = sensitivity(cfg, staged, run)
+    base = next(r for r in results if r.variant == ranking.variant)
+    results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))
     train_qat(cfg, staged, run, num_classes)
     results.append(export_qat(cfg, staged, run, num_classes))
     latencies = benchmark(cfg, run, [r.artifact for r in results])
-    manifest = finalize(cfg, run, staged, results, latencies)
+    gate = regression_gate(cfg, run, staged, results, latencies)
+    manifest = finalize(cfg, run, staged, results, latencies, ranking=ranking, gate=gate)
+    # manifest.status == "rejected" when the gate failed: `best` was not moved
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import os
 import platform
@@ -33,6 +40,7 @@ import torch
 from pydantic import BaseModel
 
 from quantlab import __version__, data, export, metrics, models, qat, registry, report
+from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
 from quantlab.bench import Latency, cpu_info, measure
 from quantlab.config import RunConfig, VariantConfig
@@ -40,7 +48,8 @@ from quantlab.data import StagedData
 from quantlab.distributed import launch
 from quantlab.errors import ConfigError, DataError, NotFoundError
 from quantlab.evaluate import EvalResult, evaluate
-from quantlab.registry import ArtifactEntry, DatasetInfo, Manifest
+from quantlab.registry import ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow
+from quantlab.sensitivity import FallbackStep, SensitivityResult
 from quantlab.store import Store
 
 log = logging.getLogger("quantlab.pipeline")
@@ -60,7 +69,8 @@ class VariantResult(BaseModel):
     engine: str | None
     eval: EvalResult
     artifact: ArtifactEntry
-    float_layers: list[str] = []
+    float_layers: list[str] = []            # layers kept in float (the fallback variant)
+    fallback_steps: list[FallbackStep] = [] # the fallback's greedy search, step 0 = its base
 
 
 def store_of(cfg: RunConfig) -> Store:
@@ -165,12 +175,72 @@ def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
 def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
     """Fuse, insert observers, calibrate, convert to int8, evaluate, script, store."""
+    int8, result = _quantize(cfg, staged, variant)
+    return _store_variant(cfg, run, variant.name, "ptq", variant.engine, int8, result)
+
+
+def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
+              float_layers: list[str] | tuple = ()) -> tuple[torch.nn.Module, EvalResult]:
+    """A PTQ variant's int8 model (with `float_layers` kept in float) and its val accuracy."""
     backend = get_backend()
-    observed = backend.prepare_ptq(load_float(cfg, len(staged.classes)), variant)
+    observed = backend.prepare_ptq(load_float(cfg, len(staged.classes)), variant, float_layers)
     calibrate(observed, calibration_loader(cfg, staged, variant.num_calibration_batches))
     int8 = backend.convert(observed, variant.engine)
-    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
-    return _store_variant(cfg, run, variant.name, "ptq", variant.engine, int8, result)
+    return int8, evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
+
+
+# -- per-layer sensitivity and the float fallback ------------------------------------------
+def sensitivity(cfg: RunConfig, staged: StagedData, run: RunInfo) -> SensitivityResult:
+    """Rank the layers of `cfg.sensitivity.variant` by the harm of quantizing each alone.
+
+    Method in quantlab/sensitivity.py. Stores one `sensitivity` row per quantizable layer.
+    """
+    variant = cfg.variant(cfg.sensitivity.variant)
+    backend = get_backend()
+    float_model = load_float(cfg, len(staged.classes))
+    observed = backend.prepare_isolated(copy.deepcopy(float_model), variant)
+    calibrate(observed, calibration_loader(cfg, staged, variant.num_calibration_batches))
+    isolated = backend.convert(observed, variant.engine)
+    fused = models.fuse(float_model, is_qat=False)
+    layers = backend.quantizable_layers(fused)
+    num_batches = cfg.sensitivity.num_batches or variant.num_calibration_batches
+    # The first batches of the calibration images, held in memory: every layer sees the same.
+    batches = list(itertools.islice(calibration_loader(cfg, staged, num_batches), num_batches))
+    result = sens.measure(fused, {x.name: isolated.get_submodule(x.name) for x in layers},
+                          layers, batches, variant=variant.name)
+    metrics.write_rows(store_of(cfg), "sensitivity", [
+        {**r.model_dump(), "run_id": run.run_id, "variant": variant.name,
+         "model": cfg.model.name, "num_images": result.num_images} for r in result.layers],
+        run.run_id, variant.name, run.created_at)
+    return result
+
+
+def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: VariantResult,
+                 float_eval: EvalResult, ranking: SensitivityResult) -> VariantResult:
+    """`<variant>-fallback`: the base PTQ variant with its most sensitive layers kept in float.
+
+    Layers are added in rank order, one per step (prepare with them in float, calibrate,
+    convert, evaluate on val/ as every variant is), until val top-1 is within
+    `max_accuracy_drop` of float, or `sensitivity.max_float_layers` is reached. The last step's
+    model is stored; when the base variant already meets the budget it keeps no layer in float.
+    """
+    variant = cfg.variant(ranking.variant)
+    built: dict[int, tuple[torch.nn.Module, EvalResult]] = {}
+
+    def top1_with(layers: list[str]) -> float:
+        built.clear()  # only the newest model is kept
+        built[len(layers)] = _quantize(cfg, staged, variant, layers)
+        log.info("%s with %d float layers (+%s): top-1 %.2f", cfg.fallback_name, len(layers),
+                 layers[-1], built[len(layers)][1].top1)
+        return built[len(layers)][1].top1
+
+    steps = sens.greedy_fallback([x.layer for x in ranking.layers], top1_with, base.eval.top1,
+                                 float_eval.top1 - cfg.max_accuracy_drop,
+                                 cfg.sensitivity.max_float_layers)
+    float_layers = [x.layer for x in ranking.layers[:steps[-1].num_float_layers]]
+    int8, result = built.get(len(float_layers)) or _quantize(cfg, staged, variant, float_layers)
+    stored = _store_variant(cfg, run, cfg.fallback_name, "ptq", variant.engine, int8, result)
+    return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
 
 
 def calibration_loader(cfg: RunConfig, staged: StagedData, num_batches: int):
@@ -292,31 +362,97 @@ def versions() -> dict[str, str]:
     return out
 
 
-def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
-             latencies: list[Latency], epochs: list[dict] | None = None) -> Manifest:
-    """Compare, select, plot, write the report, then the manifest (last), then the aliases."""
-    store = store_of(cfg)
-    base = registry.run_dir(run.run_id)
-    rows = report.comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
+def comparison(results: list[VariantResult], latencies: list[Latency]) -> list[ResultRow]:
+    """The run's table rows (float first), with batch-1 latency and speed-up."""
+    return report.comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
                                "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
                                "float_layers": r.float_layers} for r in results], latencies)
+
+
+def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
+                    results: list[VariantResult], latencies: list[Latency]) -> GateVerdict | None:
+    """May this run's selected variant replace `best-<model>`? None when the gate is disabled.
+
+    Numbers from different runs are not compared: stored accuracies may come from another
+    dataset or evaluation setting, stored latencies from another machine or load. So the
+    previous best's artifact (sha256-verified) is evaluated on this run's val/ and timed at
+    batch 1 side by side with the newly selected artifact, interleaved. If the previous best
+    was made for other classes or another input size, the two models do not solve the same
+    task: the gate passes, saying so.
+    """
+    if not cfg.gate.enabled:
+        return None
+    store = store_of(cfg)
+    alias = f"best-{cfg.model.name}"
+    limits = dict(max_accuracy_drop=cfg.max_accuracy_drop,
+                  max_latency_increase=cfg.gate.max_latency_increase)
+    if not store.exists(f"aliases/{alias}.json"):
+        return GateVerdict(passed=True, reason=f"no previous {alias}: this run's model is the "
+                           "first", **limits)
+    pointer = registry.read_alias(store, alias)
+    previous = registry.load_manifest(store, pointer.run_id)
+    entry = previous.artifact(pointer.variant or "best")
+    if (previous.dataset.classes != staged.classes
+            or previous.input_size != cfg.data.transforms.input_size):
+        return GateVerdict(passed=True, previous_run_id=previous.run_id,
+                           previous_variant=entry.variant, same_dataset=False, **limits,
+                           reason=f"not compared with {alias} ({previous.run_id}/"
+                                  f"{entry.variant}): it was made for other "
+                                  "classes or another input size, so it does not solve the same "
+                                  "task")
+    selected = report.select(comparison(results, latencies), cfg.max_accuracy_drop)
+    new = next(r for r in results if r.variant == selected.variant)
+    modules = {"previous": load_artifact(cfg, previous.run_id, entry),
+               "selected": load_artifact(cfg, run.run_id, new.artifact)}
+    previous_top1 = evaluate(modules["previous"], val_loader(cfg, staged),
+                             cfg.data.max_eval_batches).top1
+    b = cfg.bench
+    timed = {x.variant: x.latency_ms for x in measure(
+        modules, cfg.data.transforms.input_size, (1,), b.num_threads, b.warmup, b.iterations)}
+    return report.judge(new.eval.top1, timed["selected"], previous_top1, timed["previous"],
+                        previous_run_id=previous.run_id, previous_variant=entry.variant,
+                        same_dataset=previous.dataset.fingerprint == staged.fingerprint, **limits)
+
+
+def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
+             latencies: list[Latency], epochs: list[dict] | None = None,
+             ranking: SensitivityResult | None = None,
+             gate: GateVerdict | None = None) -> Manifest:
+    """Compare, select, plot, write the report, then the manifest (last), then the aliases.
+
+    A run whose regression gate failed is complete but "rejected": its manifest and report
+    are written and `latest` points at it, so it can be inspected; `best` does not move.
+    """
+    store = store_of(cfg)
+    base = registry.run_dir(run.run_id)
+    rows = comparison(results, latencies)
     selected = report.select(rows, cfg.max_accuracy_drop)
     store.write_bytes(f"{base}/report/comparison.png", report.plot(rows, epochs or []))
     manifest = Manifest(
-        run_id=run.run_id, status="succeeded", created_at=run.created_at,
+        run_id=run.run_id, status="rejected" if gate and not gate.passed else "succeeded",
+        created_at=run.created_at,
         finished_at=metrics.now(), model=cfg.model.name,
         input_size=cfg.data.transforms.input_size, max_accuracy_drop=cfg.max_accuracy_drop,
         config=cfg.model_dump(mode="json"), versions=versions(),
         dataset=DatasetInfo(uri=staged.uri, fingerprint=staged.fingerprint,
                             classes=staged.classes, num_train=staged.num_train,
                             num_val=staged.num_val),
-        artifacts=[r.artifact for r in results], results=rows, selected=selected,
+        artifacts=[r.artifact for r in results], results=rows, selected=selected, gate=gate,
         report={"markdown": "report/report.md", "plot": "report/comparison.png"})
     store.write_bytes(f"{base}/report/report.md",
-                      report.markdown_report(manifest, report_links(cfg, manifest)).encode())
+                      render_report(cfg, manifest, results, ranking).encode())
     store.write_json(f"{base}/manifest.json", manifest.model_dump(mode="json"))  # last: complete
     update_aliases(store, manifest)
     return manifest
+
+
+def render_report(cfg: RunConfig, manifest: Manifest, results: list[VariantResult],
+                  ranking: SensitivityResult | None = None, plot_image: str | None = None) -> str:
+    """The run's markdown report, with its sensitivity and the fallback's search (the store's
+    copy links the plot; `plot_image` inlines it, for the Prefect UI)."""
+    fallback = next(((r.variant, r.fallback_steps) for r in results if r.fallback_steps), None)
+    return report.markdown_report(manifest, report_links(cfg, manifest), plot_image, ranking,
+                                  fallback)
 
 
 def report_links(cfg: RunConfig, manifest: Manifest) -> dict[str, str]:
@@ -329,10 +465,13 @@ def report_links(cfg: RunConfig, manifest: Manifest) -> dict[str, str]:
 
 
 def update_aliases(store: Store, manifest: Manifest) -> None:
-    """latest and latest-<model> always; best and best-<model> point at the selected variant."""
+    """latest and latest-<model> always; best and best-<model> point at the selected variant,
+    unless the regression gate rejected the run."""
     when = manifest.finished_at
     for name in ("latest", f"latest-{manifest.model}"):
         registry.write_alias(store, name, manifest.run_id, manifest.model, None, when)
+    if manifest.status == "rejected":
+        return
     for name in (f"best-{manifest.model}", "best"):
         registry.write_alias(store, name, manifest.run_id, manifest.model,
                              manifest.selected.variant, when)

@@ -79,6 +79,22 @@ class Selection(_Strict):
     within_budget: bool
 
 
+class GateVerdict(_Strict):
+    """The regression gate's decision on moving `best-<model>` to this run (see pipeline)."""
+
+    passed: bool
+    reason: str
+    previous_run_id: str | None = None      # the best-<model> run compared with
+    previous_variant: str | None = None
+    same_dataset: bool | None = None        # dataset fingerprints equal
+    previous_top1: float | None = None      # re-evaluated on this run's val/
+    top1: float | None = None
+    previous_latency_ms: float | None = None  # batch 1, timed side by side in this run
+    latency_ms: float | None = None
+    max_accuracy_drop: float
+    max_latency_increase: float
+
+
 class DatasetInfo(_Strict):
     uri: str
     fingerprint: str
@@ -90,7 +106,7 @@ class DatasetInfo(_Strict):
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     run_id: str = Field(pattern=_NAME)
-    status: Literal["succeeded"]
+    status: Literal["succeeded", "rejected"]   # rejected: complete, but the gate kept `best`
     created_at: datetime
     finished_at: datetime
     model: str
@@ -102,6 +118,7 @@ class Manifest(_Strict):
     artifacts: list[ArtifactEntry]
     results: list[ResultRow]
     selected: Selection
+    gate: GateVerdict | None = None         # None: the gate was disabled
     report: dict[str, str] = {}             # name -> path relative to the run folder
 
     def artifact(self, variant: str) -> ArtifactEntry:

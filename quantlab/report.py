@@ -1,7 +1,9 @@
-"""The comparison of a run: table rows, the variant chosen under the accuracy budget, a plot.
+"""The comparison of a run: table rows, the variant chosen under the accuracy budget, the
+regression gate's rule, a plot and the markdown report.
 
     rows = comparison(results, latencies)          # one ResultRow per variant, float first
     chosen = select(rows, max_accuracy_drop=1.0)   # fastest int8 variant within the budget
+    verdict = judge(...)                           # may this run replace best-<model>?
     png = plot(rows, qat_epochs)                   # accuracy vs latency, QAT top-1 per epoch
 """
 
@@ -13,7 +15,8 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from quantlab.bench import Latency
-from quantlab.registry import Manifest, ResultRow, Selection
+from quantlab.registry import GateVerdict, Manifest, ResultRow, Selection
+from quantlab.sensitivity import FallbackStep, SensitivityResult
 
 
 def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[ResultRow]:
@@ -58,12 +61,47 @@ def select(rows: Sequence[ResultRow], max_accuracy_drop: float) -> Selection:
                             f"({float_row.top1:.2f}); chose the most accurate ({best.top1:.2f})")
 
 
+def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency_ms: float, *,
+          previous_run_id: str, previous_variant: str, same_dataset: bool,
+          max_accuracy_drop: float, max_latency_increase: float) -> GateVerdict:
+    """The regression gate's rule: fail if top-1 fell more than `max_accuracy_drop` points
+    below the previous best, or batch-1 latency rose more than `max_latency_increase`
+    (a fraction). Both pairs of numbers must come from the same data and the same machine.
+    """
+    drop = previous_top1 - top1
+    ratio = latency_ms / previous_latency_ms
+    problems = []
+    if drop > max_accuracy_drop:
+        problems.append(f"top-1 {top1:.2f} is {drop:.2f} points below the previous best's "
+                        f"{previous_top1:.2f} (allowed: {max_accuracy_drop:g})")
+    if ratio > 1.0 + max_latency_increase:
+        problems.append(f"batch-1 latency {latency_ms:.3f} ms is {ratio:.2f}x the previous "
+                        f"best's {previous_latency_ms:.3f} ms (allowed: "
+                        f"{1.0 + max_latency_increase:.2f}x)")
+    data = ("same dataset" if same_dataset else
+            "the dataset changed since (other fingerprint); both evaluated on this run's val/")
+    where = (f"previous best {previous_run_id}/{previous_variant}, measured side by side in "
+             f"this run ({data})")
+    if problems:
+        reason = "regression against the " + where + ": " + "; ".join(problems)
+    else:
+        reason = (f"no regression against the {where}: top-1 {top1:.2f} vs {previous_top1:.2f}, "
+                  f"batch-1 latency {ratio:.2f}x")
+    return GateVerdict(passed=not problems, reason=reason, previous_run_id=previous_run_id,
+                       previous_variant=previous_variant, same_dataset=same_dataset,
+                       previous_top1=previous_top1, top1=top1,
+                       previous_latency_ms=previous_latency_ms, latency_ms=latency_ms,
+                       max_accuracy_drop=max_accuracy_drop,
+                       max_latency_increase=max_latency_increase)
+
+
 def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "") -> Table:
     """The comparison as a terminal table (the one `quantlab demo` prints)."""
     table = Table(title=title or None)
     for col, justify in [("variant", "left"), ("top-1 %", "right"), ("top-5 %", "right"),
-                         ("size MB", "right"), ("latency ms", "right"), ("speed-up", "right")]:
-        table.add_column(col, justify=justify)
+                         ("size MB", "right"), ("latency ms", "right"), ("speed-up", "right"),
+                         ("float layers", "right")]:
+        table.add_column(col, justify=justify, no_wrap=col == "variant")
     for r in table_rows(rows, selected):
         table.add_row(*[str(v) for v in r.values()])
     return table
@@ -93,6 +131,7 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
             "size MB": f"{r.size_bytes / 1e6:.3f}",
             "latency ms": _ms(r.latency_ms).removesuffix(" ms"),
             "speed-up": f"{r.speedup:.2f}x" if r.speedup else "-",
+            "float layers": "all" if r.method == "float" else str(len(r.float_layers)),
         })
     return out
 
@@ -143,8 +182,19 @@ def plot(rows: Sequence[ResultRow], qat_epochs: Sequence[dict]) -> bytes:
     return buf.getvalue()
 
 
-def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str | None = None) -> str:
-    """The run's report: results, the choice and why, config, dataset, where artifacts live.
+def sensitivity_rows(result: SensitivityResult) -> list[dict[str, str]]:
+    """The ranked sensitivity table, formatted (most sensitive first)."""
+    return [{"rank": str(r.rank), "layer": f"`{r.layer}`", "op": r.op_type,
+             "params": f"{r.num_params:,}", "top-1 drop": f"{r.top1_drop:.2f}",
+             "layer SQNR dB": f"{r.layer_sqnr_db:.1f}", "output SQNR dB": f"{r.output_sqnr_db:.1f}"}
+            for r in result.layers]
+
+
+def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str | None = None,
+                    sensitivity: SensitivityResult | None = None,
+                    fallback: tuple[str, Sequence[FallbackStep]] | None = None) -> str:
+    """The run's report: results, the choice and why, the regression gate, the per-layer
+    sensitivity and the float fallback's search, config, dataset, where artifacts live.
 
     `links` maps variants (and plot, markdown, manifest) to where they are stored;
     `plot_image` is the plot's image source when it differs from its link (a data: URI makes
@@ -164,8 +214,28 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
         f"{manifest.max_accuracy_drop:g} top-1 points): {manifest.selected.reason}.",
         "",
     ]
+    if manifest.gate is not None:
+        verdict = "passed" if manifest.gate.passed else "FAILED: `best` was not moved"
+        lines += [f"**Regression gate {verdict}**: {manifest.gate.reason}.", ""]
     if plot_image or "plot" in links:
         lines += [f"![accuracy against latency; QAT top-1 per epoch]({plot_image or links['plot']})", ""]
+    if sensitivity is not None:
+        lines += [f"## Per-layer sensitivity of `{sensitivity.variant}`", "",
+                  f"Each layer quantized alone, the rest in float, on {sensitivity.num_images} "
+                  f"calibration images (float top-1 there: {sensitivity.float_top1:.2f}); most "
+                  "sensitive first. Method: quantlab/sensitivity.py.", "",
+                  markdown_table(sensitivity_rows(sensitivity)), ""]
+    if fallback is not None:
+        name, steps = fallback
+        kept = next(r for r in manifest.results if r.variant == name).float_layers
+        lines += [f"## Float fallback `{name}`", "",
+                  f"Kept in float: {', '.join(f'`{n}`' for n in kept) or 'none'}. Greedy search, "
+                  "most sensitive layer first, until val top-1 is within the budget:", "",
+                  markdown_table([{"float layers": str(s.num_float_layers),
+                                   "added": f"`{s.added}`" if s.added else "-",
+                                   "top-1 %": f"{s.top1:.2f}",
+                                   "within budget": "yes" if s.within_budget else "no"}
+                                  for s in steps]), ""]
     lines += ["## Artifacts", ""]
     if "manifest" in links:
         lines += [f"In `{links['manifest'].rsplit('/', 1)[0]}/`:", ""]

@@ -7,8 +7,8 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 # (stage, share of the run in percent): QAT dominates a real run.
-STAGES = [("validate", 2), ("stage", 8), ("float", 5), ("ptq", 15), ("qat", 50),
-          ("qat-export", 5), ("benchmark", 10), ("report", 5)]
+STAGES = [("validate", 2), ("stage", 8), ("float", 5), ("ptq", 10), ("fallback", 10),
+          ("qat", 45), ("qat-export", 5), ("benchmark", 8), ("gate", 2), ("report", 5)]
 
 
 class Progress:
@@ -32,4 +32,5 @@ class Progress:
 
     def qat_epoch(self, epoch: int, epochs: int) -> None:
         before = sum(share for s, share in STAGES[:[s for s, _ in STAGES].index("qat")])
-        self._set(before + 50 * epoch / epochs, f"QAT epoch {epoch}/{epochs} done")
+        share = dict(STAGES)["qat"]
+        self._set(before + share * epoch / epochs, f"QAT epoch {epoch}/{epochs} done")

@@ -25,7 +25,8 @@ from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.evaluate import EvalResult
 from quantlab.pipeline import RunInfo, VariantResult
-from quantlab.registry import ArtifactEntry, Manifest
+from quantlab.registry import ArtifactEntry, GateVerdict, Manifest
+from quantlab.sensitivity import SensitivityResult
 from tasks.caching import dataset_key, float_eval_key, log_cache_hit
 from tasks.progress import Progress
 
@@ -102,6 +103,31 @@ def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
     return result
 
 
+@task(name="sensitivity", cache_policy=NO_CACHE, tags=["quantlab", "ptq", "sensitivity"],
+      timeout_seconds=TIMEOUTS["ptq"])
+def sensitivity(config: RunConfig, staged: StagedData, run: RunInfo) -> SensitivityResult:
+    """Per-layer sensitivity of one PTQ variant: each layer quantized alone, ranked."""
+    result = pipeline.sensitivity(config, pipeline.ensure_staged(config, staged), run)
+    top = ", ".join(f"{x.layer} ({x.top1_drop:.2f} pts, {x.output_sqnr_db:.1f} dB)"
+                    for x in result.layers[:5])
+    get_run_logger().info("%s: %d layers; most sensitive: %s", result.variant,
+                          len(result.layers), top)
+    return result
+
+
+@task(name="ptq-fallback", task_run_name="{ranking.variant}-fallback", cache_policy=NO_CACHE,
+      tags=["quantlab", "ptq"], timeout_seconds=TIMEOUTS["ptq"])
+def ptq_fallback(config: RunConfig, staged: StagedData, run: RunInfo, base: VariantResult,
+                 float_eval: EvalResult, ranking: SensitivityResult) -> VariantResult:
+    """The PTQ variant with its most sensitive layers kept in float, until within budget."""
+    result = pipeline.ptq_fallback(config, pipeline.ensure_staged(config, staged), run, base,
+                                   float_eval, ranking)
+    get_run_logger().info("%s: top-1 %.2f with %d layers in float: %s", result.variant,
+                          result.eval.top1, len(result.float_layers),
+                          ", ".join(result.float_layers) or "none needed")
+    return result
+
+
 # torchrun's own lines (glog: W1127 03:33:03.65 ...) and torch's per-rank traceback lines.
 _GLOG_LEVEL = re.compile(r"^([IWEF])\d{4} ")
 _RANK_TRACEBACK = re.compile(r"^\[rank\d+\]:")
@@ -160,23 +186,38 @@ def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -
     return rows
 
 
+@task(name="regression-gate", cache_policy=NO_CACHE, tags=["quantlab", "gate"],
+      timeout_seconds=TIMEOUTS["bench"])
+def regression_gate(config: RunConfig, run: RunInfo, staged: StagedData,
+                    results: list[VariantResult], latencies: list[Latency]) -> GateVerdict | None:
+    """Compare the selected variant with the previous best-<model>, both measured here."""
+    verdict = pipeline.regression_gate(config, run, pipeline.ensure_staged(config, staged),
+                                       results, latencies)
+    if verdict is not None:
+        log = get_run_logger().info if verdict.passed else get_run_logger().error
+        log("regression gate %s: %s", "passed" if verdict.passed else "FAILED", verdict.reason)
+    return verdict
+
+
 @task(name="report", cache_policy=NO_CACHE, tags=["quantlab", "report", "store"],
       timeout_seconds=TIMEOUTS["report"], **IO_RETRIES)
 def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
-             latencies: list[Latency], epochs: list[dict]) -> Manifest:
+             latencies: list[Latency], epochs: list[dict], ranking: SensitivityResult | None,
+             gate: GateVerdict | None) -> Manifest:
     """Select, report, write the manifest (last) and move the aliases; publish UI artifacts.
 
     The UI's report shows the plot inline (a data: URI: the UI cannot read the store) and
     links every stored artifact, the PNG included.
     """
-    manifest = pipeline.finalize(config, run, staged, results, latencies, epochs)
+    manifest = pipeline.finalize(config, run, staged, results, latencies, epochs, ranking, gate)
     rows = report.table_rows(manifest.results, manifest.selected.variant)
+    rejected = " (rejected by the regression gate)" if manifest.status == "rejected" else ""
     create_table_artifact(key="quantlab-comparison", table=rows,
                           description=f"run {run.run_id}: {manifest.model}, selected "
-                                      f"{manifest.selected.variant}")
+                                      f"{manifest.selected.variant}{rejected}")
     png = pipeline.store_of(config).read_bytes(
         f"{registry.run_dir(run.run_id)}/{manifest.report['plot']}")
-    markdown = report.markdown_report(manifest, pipeline.report_links(config, manifest),
+    markdown = pipeline.render_report(config, manifest, results, ranking,
                                       plot_image="data:image/png;base64,"
                                                  + base64.b64encode(png).decode())
     create_markdown_artifact(key="quantlab-report", markdown=markdown,

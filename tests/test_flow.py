@@ -26,19 +26,28 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     m = registry.load_manifest(store, result["run_id"])
     assert m.status == "succeeded" and m.input_size == 32
     assert m.run_id.startswith("flow-")  # from the flow run: a retry would resume it
-    assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
+    assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86",
+                                                "ptq-x86-fallback", "qat-x86"]
     for a in m.artifacts:
         registry.read_artifact(store, m, a.variant)  # sha256 matches
     assert {"torch", "torchvision", "quantlab"} <= set(m.versions)
     assert m.dataset.fingerprint and m.config["data"]["transforms"]["input_size"] == 32
-    assert m.selected.variant in {"ptq-minmax", "ptq-x86", "qat-x86"}
+    assert m.selected.variant in {"ptq-minmax", "ptq-x86", "ptq-x86-fallback", "qat-x86"}
+    assert m.gate.passed and "no previous best-mobilenet_v2" in m.gate.reason
+    assert m.max_accuracy_drop == cfg.max_accuracy_drop
     by_variant = {r.variant: r for r in m.results}
     assert by_variant["float"].speedup == pytest.approx(1.0)
     assert all(r.latency_ms > 0 for r in m.results)
-    for table, expected in [("evaluations", 4), ("benchmarks", 8), ("qat_epochs", 1)]:
+    fallback = by_variant["ptq-x86-fallback"]
+    assert fallback.float_layers == [x["layer"] for x in result["most_sensitive"]][
+        :len(fallback.float_layers)]
+    for table, expected in [("evaluations", 5), ("benchmarks", 10), ("qat_epochs", 1),
+                            ("sensitivity", 53)]:
         assert len(metrics.read_rows(store, table, result["run_id"])) == expected, table
     assert store.exists(f"runs/{m.run_id}/report/comparison.png")
-    assert "Selected" in store.read_bytes(f"runs/{m.run_id}/report/report.md").decode()
+    report = store.read_bytes(f"runs/{m.run_id}/report/report.md").decode()
+    assert "Selected" in report and "Per-layer sensitivity of `ptq-x86`" in report
+    assert "Float fallback `ptq-x86-fallback`" in report and "Regression gate passed" in report
     for alias in ("latest", "best", "latest-mobilenet_v2", "best-mobilenet_v2"):
         assert registry.resolve(store, alias) == m.run_id
     assert registry.read_alias(store, "best").variant == m.selected.variant
@@ -60,7 +69,9 @@ def test_flow_publishes_keyed_artifacts(completed_run):
     assert set(by_key) == {"quantlab-comparison", "quantlab-report", "quantlab-progress"}
     table = by_key["quantlab-comparison"].data
     table = json.loads(table) if isinstance(table, str) else table
-    assert [r["variant"].split(" ")[0] for r in table] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
+    assert [r["variant"].split(" ")[0] for r in table] == ["float", "ptq-minmax", "ptq-x86",
+                                                           "ptq-x86-fallback", "qat-x86"]
+    assert [r["variant"] for r in table].count(f"{result['selected']} (selected)") == 1
     assert float(by_key["quantlab-progress"].data) == 100.0
     assert result["run_id"] in by_key["quantlab-report"].data
 

@@ -1,0 +1,154 @@
+"""Per-layer sensitivity, the float fallback, selection and the gate's rule (no Prefect)."""
+
+import pytest
+import torch
+from torch.ao.nn import intrinsic as nni
+from torch.ao.nn import quantized as nnq
+from torch.ao.nn.intrinsic import quantized as nniq
+
+from quantlab import metrics, pipeline, report
+from quantlab.backend import get_backend
+from quantlab.evaluate import EvalResult
+from quantlab.registry import ResultRow
+from quantlab.sensitivity import greedy_fallback
+from quantlab.store import Store
+from tests.conftest import make_config
+
+INT8_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d)
+FLOAT_LAYERS = (torch.nn.Conv2d, torch.nn.Linear, nni.ConvReLU2d)
+
+
+@pytest.fixture(scope="module")
+def ranked(tiny_dataset, tiny_checkpoint, tmp_path_factory):
+    """One run with the ptq-x86 variant and its sensitivity, shared by this module's tests."""
+    tmp = tmp_path_factory.mktemp("sensitivity")
+    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"))
+    cfg = cfg.model_copy(update={"sensitivity": cfg.sensitivity.model_copy(
+        update={"max_float_layers": 2})})
+    run = pipeline.start_run(cfg)
+    staged = pipeline.stage(cfg)
+    base = pipeline.ptq_variant(cfg, staged, run, cfg.variant("ptq-x86"))
+    return (cfg, run, staged, base), pipeline.sensitivity(cfg, staged, run)
+
+
+def test_sensitivity_has_a_ranked_row_per_quantized_layer(ranked):
+    (cfg, run, staged, _), result = ranked
+    int8, _ = pipeline._quantize(cfg, staged, cfg.variant("ptq-x86"))
+    quantized = [n for n, m in int8.named_modules() if isinstance(m, INT8_LAYERS)]
+    rows = metrics.read_rows(Store(cfg.store), "sensitivity", run.run_id)
+    assert sorted(r["layer"] for r in rows) == sorted(quantized) and len(quantized) > 50
+    assert sorted(r["rank"] for r in rows) == list(range(1, len(quantized) + 1))
+    assert {r["variant"] for r in rows} == {"ptq-x86"}
+    assert {r["op_type"] for r in rows} == {"ConvReLU2d", "Conv2d", "Linear"}
+    keys = [(-x.top1_drop, x.output_sqnr_db) for x in result.layers]
+    assert keys == sorted(keys)
+    assert result.num_images == 16  # 2 calibration batches of 8
+    for x in result.layers:
+        assert x.top1_drop == pytest.approx(result.float_top1 - x.top1)
+        # int8 adds noise to every layer: finite and positive SQNR, not a copy of float
+        assert 0 < x.layer_sqnr_db < 80 and 0 < x.output_sqnr_db < 80
+
+
+def test_fallback_keeps_the_most_sensitive_layers_in_float(ranked):
+    (cfg, run, staged, base), result = ranked
+    unreachable = EvalResult(top1=100.0 + cfg.max_accuracy_drop + 1, top5=100, loss=0,
+                             num_images=24)
+    r = pipeline.ptq_fallback(cfg, staged, run, base, unreachable, result)
+    assert r.variant == "ptq-x86-fallback" and r.method == "ptq"
+    assert r.float_layers == [x.layer for x in result.layers[:2]]
+    assert [s.num_float_layers for s in r.fallback_steps] == [0, 1, 2]
+    assert [s.added for s in r.fallback_steps[1:]] == r.float_layers
+    assert not any(s.within_budget for s in r.fallback_steps)
+    assert r.fallback_steps[-1].top1 == r.eval.top1
+    # In the TorchScript artifact exactly these layers hold float weights; the rest is int8.
+    module = pipeline.load_artifact(cfg, run.run_id, r.artifact)
+    params = {name.rsplit(".", 1)[0] for name, _ in module.named_parameters()}
+    assert {p.removesuffix(".0").removesuffix(".module") for p in params} == set(r.float_layers)
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_fallback_keeps_nothing_in_float_when_the_base_meets_the_budget(ranked):
+    (cfg, run, staged, base), result = ranked
+    float_eval = EvalResult(top1=base.eval.top1, top5=100, loss=0, num_images=24)
+    r = pipeline.ptq_fallback(cfg, staged, run, base, float_eval, result)
+    assert r.float_layers == [] and len(r.fallback_steps) == 1
+    assert r.fallback_steps[0].within_budget and r.eval.top1 == base.eval.top1
+
+
+def test_float_islands_anywhere_in_the_model(tiny_config):
+    from quantlab import models
+
+    backend = get_backend()
+    model = pipeline.load_float(tiny_config, 3)
+    layers = backend.quantizable_layers(models.fuse(pipeline.load_float(tiny_config, 3), False))
+    # the first layer (after QuantStub), one whose output feeds a residual FloatFunctional add,
+    # and the classifier (before DeQuantStub)
+    chosen = [layers[0].name, "features.3.conv.2", layers[-1].name]
+    assert model.features[3].use_res_connect and chosen[1] in {x.name for x in layers}
+    observed = backend.prepare_ptq(model, tiny_config.variant("ptq-x86"), chosen)
+    observed(torch.randn(4, 3, 32, 32))
+    int8 = backend.convert(observed, "x86")
+    for name in chosen:
+        assert isinstance(int8.get_submodule(f"{name}.module"), FLOAT_LAYERS)
+    assert sum(isinstance(m, INT8_LAYERS) for m in int8.modules()) == len(layers) - 3
+    assert int8(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    with pytest.raises(Exception, match="not quantizable layers of this model; valid: classifier"):
+        backend.prepare_ptq(pipeline.load_float(tiny_config, 3), tiny_config.variant("ptq-x86"),
+                            ["features.nope"])
+
+
+def test_greedy_fallback_adds_layers_in_rank_order_until_the_budget():
+    accuracy = {0: 90.0, 1: 92.0, 2: 94.5, 3: 96.0, 4: 97.0}
+    calls = []
+
+    def top1_with(layers):
+        calls.append(layers)
+        return accuracy[len(layers)]
+
+    steps = greedy_fallback(["a", "b", "c", "d", "e"], top1_with, 90.0, 95.0, max_float_layers=4)
+    assert calls == [["a"], ["a", "b"], ["a", "b", "c"]]
+    assert [(s.num_float_layers, s.added, s.within_budget) for s in steps] == [
+        (0, None, False), (1, "a", False), (2, "b", False), (3, "c", True)]
+    limited = greedy_fallback(["a", "b", "c"], top1_with, 90.0, 99.0, max_float_layers=2)
+    assert [s.num_float_layers for s in limited] == [0, 1, 2] and not limited[-1].within_budget
+    assert greedy_fallback(["a"], top1_with, 96.0, 95.0, 4)[-1].num_float_layers == 0
+
+
+def _row(variant, top1, ms, method="ptq", float_layers=()):
+    return ResultRow(variant=variant, method=method, top1=top1, top5=100, size_bytes=1,
+                     latency_ms=ms, speedup=None, float_layers=list(float_layers))
+
+
+def test_select_picks_the_fastest_variant_within_the_budget():
+    rows = [_row("float", 90.0, 10.0, "float"), _row("fast-bad", 88.0, 2.0),
+            _row("slow-good", 90.5, 5.0), _row("mid", 89.0, 3.0), _row("qat", 89.5, 4.0, "qat")]
+    chosen = report.select(rows, max_accuracy_drop=1.0)
+    assert chosen.variant == "mid" and chosen.within_budget  # 89.0 == floor counts as within
+    assert "fastest variant within 1 top-1 points" in chosen.reason
+    assert report.select(rows, 0.0).variant == "slow-good"
+    assert report.select(rows, 5.0).variant == "fast-bad"
+    # a variant without a latency is never preferred over a timed one
+    assert report.select([rows[0], _row("untimed", 90, None), _row("t", 90, 9.0)], 1).variant == "t"
+
+
+def test_select_without_a_variant_in_budget_takes_the_most_accurate_and_says_so():
+    rows = [_row("float", 95.0, 10.0, "float"), _row("a", 80.0, 2.0), _row("b", 85.0, 3.0),
+            _row("b-fallback", 88.0, 6.0, float_layers=["x"])]
+    chosen = report.select(rows, max_accuracy_drop=1.0)
+    assert chosen.variant == "b-fallback" and not chosen.within_budget
+    assert chosen.reason.startswith("no variant within 1 top-1 points of float")
+    with pytest.raises(ValueError, match="float row"):
+        report.select(rows[1:], 1.0)
+
+
+@pytest.mark.parametrize("top1, ms, passed, needle", [
+    (95.0, 10.5, True, "no regression"),
+    (93.9, 10.0, False, "1.10 points below the previous best's 95.00 (allowed: 1)"),
+    (95.0, 11.2, False, "1.12x the previous best's 10.000 ms (allowed: 1.10x)"),
+    (99.0, 12.0, False, "batch-1 latency"),
+])
+def test_gate_rule(top1, ms, passed, needle):
+    verdict = report.judge(top1, ms, 95.0, 10.0, max_accuracy_drop=1.0, max_latency_increase=0.1,
+                           previous_run_id="run-1", previous_variant="ptq-x86", same_dataset=True)
+    assert verdict.passed is passed and needle in verdict.reason
+    assert verdict.previous_run_id == "run-1" and verdict.previous_variant == "ptq-x86"
