@@ -278,6 +278,8 @@ class GateConfig(_Model):
     enabled: bool = True
     max_latency_increase: float = Field(0.10, ge=0, description="batch-1 latency rise allowed, "
                                         "as a fraction (0.10 = 10%)")
+    latency_attempts: int = Field(3, ge=1, description="side-by-side measurements; a latency "
+                                  "regression must show in every one (noise seldom repeats)")
 
 
 class RunConfig(_Model):

@@ -42,7 +42,7 @@ from pydantic import BaseModel
 from quantlab import __version__, data, export, metrics, models, qat, registry, report
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
-from quantlab.bench import Latency, cpu_info, measure
+from quantlab.bench import Latency, compare, cpu_info, measure
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.distributed import launch
@@ -376,7 +376,8 @@ def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
     Numbers from different runs are not compared: stored accuracies may come from another
     dataset or evaluation setting, stored latencies from another machine or load. So the
     previous best's artifact (sha256-verified) is evaluated on this run's val/ and timed at
-    batch 1 side by side with the newly selected artifact, interleaved. If the previous best
+    batch 1 side by side with the newly selected artifact, interleaved; a latency regression
+    must show in each of up to `gate.latency_attempts` such measurements. If the previous best
     was made for other classes or another input size, the two models do not solve the same
     task: the gate passes, saying so.
     """
@@ -407,11 +408,14 @@ def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
     previous_top1 = evaluate(modules["previous"], val_loader(cfg, staged),
                              cfg.data.max_eval_batches).top1
     b = cfg.bench
-    timed = {x.variant: x.latency_ms for x in measure(
-        modules, cfg.data.transforms.input_size, (1,), b.num_threads, b.warmup, b.iterations)}
-    return report.judge(new.eval.top1, timed["selected"], previous_top1, timed["previous"],
+    old, now, attempts = compare(modules["previous"], modules["selected"],
+                                 cfg.data.transforms.input_size,
+                                 1.0 + cfg.gate.max_latency_increase, cfg.gate.latency_attempts,
+                                 b.num_threads, b.warmup, b.iterations)
+    return report.judge(new.eval.top1, now.latency_ms, previous_top1, old.latency_ms,
                         previous_run_id=previous.run_id, previous_variant=entry.variant,
-                        same_dataset=previous.dataset.fingerprint == staged.fingerprint, **limits)
+                        same_dataset=previous.dataset.fingerprint == staged.fingerprint,
+                        latency_attempts=attempts, **limits)
 
 
 def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],

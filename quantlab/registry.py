@@ -91,6 +91,7 @@ class GateVerdict(_Strict):
     top1: float | None = None
     previous_latency_ms: float | None = None  # batch 1, timed side by side in this run
     latency_ms: float | None = None
+    latency_attempts: int | None = None     # side-by-side measurements taken (lowest ratio kept)
     max_accuracy_drop: float
     max_latency_increase: float
 

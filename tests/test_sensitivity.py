@@ -144,11 +144,32 @@ def test_select_without_a_variant_in_budget_takes_the_most_accurate_and_says_so(
 @pytest.mark.parametrize("top1, ms, passed, needle", [
     (95.0, 10.5, True, "no regression"),
     (93.9, 10.0, False, "1.10 points below the previous best's 95.00 (allowed: 1)"),
-    (95.0, 11.2, False, "1.12x the previous best's 10.000 ms (allowed: 1.10x)"),
+    (95.0, 11.2, False, "1.12x the previous best's 10.000 ms (allowed: 1.10x; lowest of 3"),
     (99.0, 12.0, False, "batch-1 latency"),
 ])
 def test_gate_rule(top1, ms, passed, needle):
     verdict = report.judge(top1, ms, 95.0, 10.0, max_accuracy_drop=1.0, max_latency_increase=0.1,
-                           previous_run_id="run-1", previous_variant="ptq-x86", same_dataset=True)
+                           previous_run_id="run-1", previous_variant="ptq-x86", same_dataset=True,
+                           latency_attempts=3)
     assert verdict.passed is passed and needle in verdict.reason
     assert verdict.previous_run_id == "run-1" and verdict.previous_variant == "ptq-x86"
+
+
+def test_gate_latency_is_remeasured_and_a_real_slowdown_persists():
+    import time
+
+    from quantlab.bench import compare
+
+    class Sleepy(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time.sleep(self.seconds)
+            return x
+
+    old, new, attempts = compare(Sleepy(0.0), Sleepy(0.003), input_size=4, max_ratio=1.1,
+                                 attempts=3, num_threads=1, warmup=1, iterations=5)
+    assert attempts == 3 and new.latency_ms > 1.1 * old.latency_ms
+    assert (old.variant, new.variant, old.batch_size) == ("reference", "candidate", 1)
