@@ -92,7 +92,8 @@ def test_run_with_data_checkpoint_and_store_on_s3(s3_run):
     m = registry.load_manifest(store, s3_run.run_id)
     assert m.status == "succeeded" and m.dataset.uri == s3_run.config.data.uri
     assert m.dataset.num_train == 72 and m.dataset.num_val == 24
-    assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86", "qat-x86"]
+    assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86",
+                                                "ptq-x86-fallback", "qat-x86"]
     for a in m.artifacts:
         registry.read_artifact(store, m, a.variant)  # sha256 and size match
     # The staging manifest in the local cache records the fingerprint the run manifest cites.
@@ -115,14 +116,14 @@ def test_metric_tables_read_by_pyarrow_s3_client_and_duckdb(s3_run, s3_endpoint)
 
     s3 = pafs.S3FileSystem(endpoint_override=s3_endpoint.removeprefix("http://"), scheme="http",
                            access_key=CANARY_KEY, secret_key=CANARY_SECRET, region="us-east-1")
-    expected = {"evaluations": 4, "benchmarks": 8, "qat_epochs": 1}
+    expected = {"evaluations": 5, "benchmarks": 10, "qat_epochs": 1, "sensitivity": 53}
     for table, num_rows in expected.items():
         t = pq.read_table(f"{s3_run.bucket}/lab/metrics/{table}", filesystem=s3)
         assert t.num_rows == num_rows and "date" in t.column_names, table
         assert set(t.column("run_id").to_pylist()) == {s3_run.run_id}
     evaluations = pq.read_table(f"{s3_run.bucket}/lab/metrics/evaluations", filesystem=s3)
     assert set(evaluations.column("variant").to_pylist()) == {"float", "ptq-minmax", "ptq-x86",
-                                                              "qat-x86"}
+                                                              "ptq-x86-fallback", "qat-x86"}
     con = duckdb.connect()  # no httpfs extension here: DuckDB reads s3:// through s3fs
     con.register_filesystem(s3fs.S3FileSystem())
     n = con.sql(f"select count(*) from read_parquet('s3://{s3_run.bucket}/lab/metrics/benchmarks/"
