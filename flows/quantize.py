@@ -55,7 +55,7 @@ def quantize(config: RunConfig) -> dict:
         results += [f.result(timeout=stages.TIMEOUTS["ptq"]) for f in ptq]
     progress.done("ptq")
     ranking = None
-    if config.sensitivity.enabled:
+    if config.sensitivity_variant:
         ranking = stages.sensitivity(config, staged, run)
         if config.fallback_name:
             base = next(r for r in results if r.variant == ranking.variant)
@@ -71,7 +71,9 @@ def quantize(config: RunConfig) -> dict:
 
     latencies = stages.benchmark(config, run, [r.artifact for r in results])
     progress.done("benchmark")
-    gate = stages.regression_gate(config, run, staged, results, latencies)
+    gate = None
+    if config.gate.enabled:
+        gate = stages.regression_gate(config, run, staged, results, latencies)
     progress.done("gate")
     manifest = stages.finalize(config, run, staged, results, latencies, epochs, ranking, gate)
     progress.done("report")

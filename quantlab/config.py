@@ -300,7 +300,7 @@ class RunConfig(_Model):
     max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points below float allowed "
                                      "when selecting the variant to ship; also the drop below "
                                      "the previous best that the regression gate allows")
-    sensitivity: SensitivityConfig = Field(SensitivityConfig(), validate_default=True)
+    sensitivity: SensitivityConfig = SensitivityConfig()
     gate: GateConfig = GateConfig()
     seed: int = 0
     run_id: str | None = Field(None, description="None: a new id; an existing id resumes it")
@@ -348,8 +348,9 @@ class RunConfig(_Model):
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":
         ptq = [v.name for v in self.variants]
-        if self.sensitivity.enabled and self.sensitivity.variant not in ptq:
-            raise ValueError(f"sensitivity.variant {self.sensitivity.variant!r} is not one of the "
+        named = self.sensitivity.variant
+        if self.sensitivity.enabled and named is not None and named not in ptq:
+            raise ValueError(f"sensitivity.variant {named!r} is not one of the "
                              f"run's PTQ variants; valid: {', '.join(ptq) or 'none (add one)'} "
                              "(or set sensitivity.enabled: false)")
         names = self.variant_names()
@@ -358,19 +359,18 @@ class RunConfig(_Model):
             raise ValueError(f"variant names must be unique and not 'float': {', '.join(dupes)}")
         return self
 
-    @field_validator("sensitivity")
-    @classmethod
-    def _default_sensitivity_variant(cls, v: SensitivityConfig, info) -> SensitivityConfig:
-        variants = info.data.get("variants") or ()
-        if v.variant is None and variants:
-            return v.model_copy(update={"variant": variants[-1].name})
-        return v
+    @property
+    def sensitivity_variant(self) -> str | None:
+        """The PTQ variant whose layers are analysed; None: no sensitivity in this run."""
+        if not self.sensitivity.enabled or not self.variants:
+            return None
+        return self.sensitivity.variant or self.variants[-1].name
 
     @property
     def fallback_name(self) -> str | None:
         """Name of the float-fallback variant, None when the run builds none."""
-        s = self.sensitivity
-        return f"{s.variant}-fallback" if s.enabled and s.fallback else None
+        base = self.sensitivity_variant
+        return f"{base}-fallback" if base and self.sensitivity.fallback else None
 
     def variant_names(self) -> list[str]:
         return ([v.name for v in self.variants]

@@ -11,9 +11,9 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
     float_eval = evaluate_float(cfg, staged)
     results = [export_float(cfg, staged, run, float_eval)]
     results += [ptq_variant(cfg, staged, run, v) for v in cfg.variants]
-    ranking = sensitivity(cfg, staged, run)
+    ranking = sensitivity(cfg, staged, run)            # if cfg.sensitivity_variant
     base = next(r for r in results if r.variant == ranking.variant)
-    results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))
+    results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))  # fallback_name
     train_qat(cfg, staged, run, num_classes)
     results.append(export_qat(cfg, staged, run, num_classes))
     latencies = benchmark(cfg, run, [r.artifact for r in results])
@@ -191,11 +191,14 @@ def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
 
 # -- per-layer sensitivity and the float fallback ------------------------------------------
 def sensitivity(cfg: RunConfig, staged: StagedData, run: RunInfo) -> SensitivityResult:
-    """Rank the layers of `cfg.sensitivity.variant` by the harm of quantizing each alone.
+    """Rank the layers of `cfg.sensitivity_variant` by the harm of quantizing each alone.
 
     Method in quantlab/sensitivity.py. Stores one `sensitivity` row per quantizable layer.
     """
-    variant = cfg.variant(cfg.sensitivity.variant)
+    if cfg.sensitivity_variant is None:
+        raise ConfigError("this run has no sensitivity analysis (sensitivity.enabled is false "
+                          "or there is no PTQ variant)")
+    variant = cfg.variant(cfg.sensitivity_variant)
     backend = get_backend()
     float_model = load_float(cfg, len(staged.classes))
     observed = backend.prepare_isolated(copy.deepcopy(float_model), variant)

@@ -26,9 +26,12 @@ def test_rerun_skips_staging_and_float_evaluation(completed_run):  # noqa: F811
     from flows.quantize import quantize
 
     cfg, first = completed_run
-    # Same checkpoint and data; a smaller run (no QAT, one variant) is enough to show the cache.
+    # Same checkpoint and data; a smaller run (no QAT, one variant, no sensitivity or regression
+    # gate) is enough to show the cache.
     cfg = cfg.model_copy(update={"variants": cfg.variants[:1],
-                                 "qat": cfg.qat.model_copy(update={"enabled": False})})
+                                 "qat": cfg.qat.model_copy(update={"enabled": False}),
+                                 "sensitivity": cfg.sensitivity.model_copy(update={"enabled": False}),
+                                 "gate": cfg.gate.model_copy(update={"enabled": False})})
     state = quantize(cfg, return_state=True)
     assert state.is_completed()
     assert state.result()["run_id"] != first["run_id"]

@@ -36,6 +36,10 @@ def test_variants_by_preset_name_or_mapping():
     ({"data": {"uri": "d", "batch_size": 0}}, "data.batch_size"),
     ({"storage_options": {"secret": "hunter2"}}, "must not hold credentials (secret)"),
     ({"bogus": 1}, "bogus: unknown setting"),
+    ({"sensitivity": {"variant": "ptq-nope"}}, "sensitivity.variant 'ptq-nope' is not one of the "
+                                               "run's PTQ variants; valid: ptq-minmax, ptq-x86"),
+    ({"sensitivity": {"max_float_layers": 0}}, "sensitivity.max_float_layers"),
+    ({"gate": {"max_latency_increase": -0.1}}, "gate.max_latency_increase"),
     ({"dask_address": "http://sched:8787"}, "dask_address 'http://sched:8787' must be a scheduler "
                                             "address: HOST:PORT or PROTOCOL://HOST:PORT with PROTOCOL one of tcp"),
 ])
@@ -72,3 +76,17 @@ def test_preset_names_are_in_the_json_schema():
                          "dask_address": "tcp://10.0.0.5:8786"}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**BASE, "variants": ["ptq-fast"]}, schema)
+
+
+def test_sensitivity_and_fallback_follow_the_ptq_variants():
+    cfg = parse_config(BASE)
+    assert (cfg.sensitivity_variant, cfg.fallback_name) == ("ptq-x86", "ptq-x86-fallback")
+    assert cfg.variant_names() == ["ptq-minmax", "ptq-x86", "ptq-x86-fallback", "qat-x86"]
+    assert cfg.gate.enabled and cfg.max_accuracy_drop == 1.0
+    cfg = parse_config({**BASE, "variants": ["ptq-minmax"], "sensitivity": {"fallback": False}})
+    assert (cfg.sensitivity_variant, cfg.fallback_name) == ("ptq-minmax", None)
+    cfg = parse_config({**BASE, "variants": []})  # nothing to analyse: no sensitivity, no error
+    assert (cfg.sensitivity_variant, cfg.variant_names()) == (None, ["qat-x86"])
+    with pytest.raises(ConfigError, match="unique"):
+        parse_config({**BASE, "variants": ["ptq-x86", {"name": "ptq-x86-fallback"}],
+                      "sensitivity": {"variant": "ptq-x86"}})

@@ -9,7 +9,9 @@ from quantlab.store import Store
 def test_ptq_variants_fan_out_over_a_dask_cluster(prefect, tiny_config, tmp_path):
     from flows.quantize import quantize
 
-    cfg = tiny_config.model_copy(update={"qat": tiny_config.qat.model_copy(update={"enabled": False})})
+    cfg = tiny_config.model_copy(update={
+        "qat": tiny_config.qat.model_copy(update={"enabled": False}),
+        "sensitivity": tiny_config.sensitivity.model_copy(update={"enabled": False})})
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None,
                       local_directory=str(tmp_path / "dask")) as cluster:
         result = quantize(cfg.model_copy(update={"dask_address": cluster.scheduler_address}))
