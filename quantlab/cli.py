@@ -102,6 +102,8 @@ def demo(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
 
 @app.command()
 def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")] = None,
+        config_file: Annotated[Optional[str], typer.Option(
+            "--config", "-c", help="YAML run config (the same as the CONFIG argument)")] = None,
         model: Annotated[Optional[str], typer.Option(help="architecture name")] = None,
         checkpoint: Annotated[Optional[str], typer.Option(help="float state_dict URI")] = None,
         data: Annotated[Optional[str], typer.Option(help="ImageFolder dataset URI")] = None,
@@ -116,6 +118,10 @@ def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")]
     """Run the `quantize` flow on your model and data (a YAML config and/or flags)."""
     from quantlab.config import load_config, merge_overrides, parse_config
 
+    if config and config_file and config != config_file:
+        raise typer.BadParameter(f"got two configs, {config!r} and --config {config_file!r}; "
+                                 "give one", param_hint="CONFIG")
+    config = config or config_file
     _apply_storage_options(storage_option)
     overrides = {"model.name": model, "model.checkpoint": checkpoint, "data.uri": data,
                  "store": store, "data.transforms.input_size": input_size,

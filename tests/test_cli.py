@@ -50,3 +50,11 @@ def test_missing_checkpoint_fails_before_any_work(tiny_dataset, tmp_path):
     assert f"checkpoint {tmp_path / 'nope.pth'} does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "store" / "runs").exists()
+
+
+def test_run_reads_config_given_with_the_config_option(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {name: vgg16, checkpoint: x.pth}\ndata: {uri: d}\n")
+    out = quantlab("run", "--config", str(config), "--store", str(tmp_path / "store"))
+    assert out.returncode == 2
+    assert "unknown model 'vgg16'" in out.stderr
