@@ -30,6 +30,11 @@ from rich.console import Console
 
 from quantlab.errors import QuantlabError, RegressionError
 
+# The ephemeral Prefect server that `demo` and `run` start would otherwise phone home from a
+# machine that may have no internet (and log the failure every ten minutes). A user's own
+# setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn float PyTorch image classifiers into fast int8 models.")
 console = Console()

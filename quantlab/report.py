@@ -99,14 +99,18 @@ def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency
 
 
 def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "") -> Table:
-    """The comparison as a terminal table (the one `quantlab demo` prints)."""
-    table = Table(title=title or None)
-    for col, justify in [("variant", "left"), ("top-1 %", "right"), ("top-5 %", "right"),
-                         ("size MB", "right"), ("latency ms", "right"), ("speed-up", "right"),
-                         ("float layers", "right")]:
-        table.add_column(col, justify=justify, no_wrap=col == "variant")
-    for r in table_rows(rows, selected):
-        table.add_row(*[str(v) for v in r.values()])
+    """The comparison as a terminal table (the one `quantlab demo` prints).
+
+    It keeps within an 80-column terminal: two-line headers, and the selected variant marked
+    with a `*` that the caption explains.
+    """
+    table = Table(title=title or None, caption="* selected" if selected else None)
+    for col in ("variant", "top-1\n%", "top-5\n%", "size\nMB", "latency\nms", "speed\nup",
+                "float\nlayers"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    for r, cells in zip(rows, table_rows(rows, None)):
+        cells["variant"] += " *" if r.variant == selected else ""
+        table.add_row(*cells.values(), style="bold" if r.variant == selected else None)
     return table
 
 

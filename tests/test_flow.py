@@ -53,6 +53,20 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     assert registry.read_alias(store, "best").variant == m.selected.variant
 
 
+def test_printed_table_fits_an_80_column_terminal(completed_run):
+    from rich.console import Console
+
+    from quantlab import report
+
+    cfg, result = completed_run
+    rows = [registry.ResultRow.model_validate(r) for r in result["results"]]
+    console = Console(width=80, record=True)
+    console.print(report.rich_table(rows, result["selected"], title=result["run_id"]))
+    text = console.export_text()
+    assert "\u2026" not in text  # nothing cut off with an ellipsis
+    assert f"{result['selected']} *" in text and "* selected" in text and "qat-x86" in text
+
+
 def test_flow_publishes_keyed_artifacts(completed_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
