@@ -3,7 +3,8 @@
     python flows/quantize.py run.yaml        # a local run against the ephemeral Prefect API
     quantlab run run.yaml                     # the same, through the CLI
 
-Stages: validate, stage data, float baseline, PTQ variants in parallel, per-layer sensitivity
+Stages: validate, stage data (every image decoded; only then does the run start in the
+store), float baseline, PTQ variants in parallel, per-layer sensitivity
 and the float-fallback variant, multi-epoch QAT on gloo workers, convert and script,
 benchmark, regression gate, report. The run's manifest is written last. If the gate finds a
 regression against the previous best-<model>, the run is recorded as rejected (`best` stays)
@@ -42,9 +43,9 @@ def quantize(config: RunConfig) -> dict:
     progress = Progress(run_label=config.model.name)
     num_classes = stages.preflight(config)
     progress.done("validate")
-    run = stages.start_run(config)
-    staged = stages.stage_data(config)
+    staged = stages.stage_data(config)  # decodes every image: bad data fails before any write
     progress.done("stage")
+    run = stages.start_run(config)
     float_eval = stages.evaluate_float(config, staged)
     results = [stages.export_float(config, staged, run, float_eval)]
     progress.done("float")

@@ -20,6 +20,7 @@ them: the library itself never imports Prefect.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Annotated, Any, Optional
@@ -66,6 +67,29 @@ def _apply_storage_options(options: list[str] | None) -> None:
     os.environ["QUANTLAB_STORAGE_OPTIONS"] = json.dumps(parsed)
 
 
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """For the terminal: a QuantlabError's message says what is wrong; its traceback is noise.
+
+    Prefect logs a failing task's exception with its traceback; on the console (not in the
+    run's log in the UI) this keeps the message line and drops the traceback. `--debug` keeps
+    everything.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], QuantlabError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_console_tracebacks() -> None:
+    """Install the filter on the root logger's handlers (Prefect's console handler)."""
+    if _state["debug"]:
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in handler.filters):
+            handler.addFilter(_UserErrorsWithoutTraceback())
+
+
 def _print_results(result: dict) -> None:
     from quantlab import report
     from quantlab.registry import ResultRow
@@ -101,6 +125,7 @@ def demo(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
     Store(store).check_writable()  # a missing bucket or bad credentials fail here, in seconds
     from flows.demo import demo as demo_flow
 
+    _quiet_console_tracebacks()
     _print_results(demo_flow(store=store, qat_epochs=qat_epochs, world_size=world_size,
                              cache_dir=cache_dir))
 
@@ -118,6 +143,9 @@ def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")]
         qat_epochs: Annotated[Optional[int], typer.Option(help="QAT epochs")] = None,
         world_size: Annotated[Optional[int], typer.Option(help="QAT gloo workers")] = None,
         no_qat: Annotated[bool, typer.Option("--no-qat", help="skip QAT")] = False,
+        skip_bad_images: Annotated[bool, typer.Option(
+            "--skip-bad-images", help="leave undecodable images out (they are listed in the "
+            "log and the manifest) instead of stopping")] = False,
         run_id: Annotated[Optional[str], typer.Option(help="resume this run id")] = None,
         ) -> None:
     """Run the `quantize` flow on your model and data (a YAML config and/or flags)."""
@@ -131,13 +159,15 @@ def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")]
     overrides = {"model.name": model, "model.checkpoint": checkpoint, "data.uri": data,
                  "store": store, "data.transforms.input_size": input_size,
                  "qat.epochs": qat_epochs, "qat.world_size": world_size,
-                 "qat.enabled": False if no_qat else None, "run_id": run_id}
+                 "qat.enabled": False if no_qat else None, "run_id": run_id,
+                 "data.skip_bad_images": True if skip_bad_images else None}
     cfg = load_config(config, overrides) if config else parse_config(merge_overrides({}, overrides))
     from quantlab.pipeline import preflight
 
     preflight(cfg)  # bad input fails here, in seconds, before Prefect or any work starts
     from flows.quantize import quantize
 
+    _quiet_console_tracebacks()
     _print_results(quantize(cfg))
 
 
@@ -171,8 +201,8 @@ def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
     cfg = qat_config(config, run_id, nnodes, rdzv_endpoint, nproc_per_node, threads_per_worker,
                      max_restarts, rdzv_id, epochs, store)
     num_classes = pipeline.preflight(cfg)
+    staged = pipeline.stage(cfg)  # decodes every image: bad data fails before any write
     run = pipeline.start_run(cfg)
-    staged = pipeline.stage(cfg)
     rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=print)
     from quantlab import report
 
@@ -208,7 +238,11 @@ def runs(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
     for col in ("run id", "finished (UTC)", "model", "status", "selected variant", "top-1 %",
                 "speed-up"):
         table.add_column(col)
-    for m in list_runs(Store(store)):
+    def skipped(run_id: str, error: QuantlabError) -> None:
+        err_console.print(f"[yellow]skipped run {run_id}:[/yellow] {error}", highlight=False,
+                          soft_wrap=True)
+
+    for m in list_runs(Store(store), on_invalid=skipped):
         best = next(r for r in m.results if r.variant == m.selected.variant)
         table.add_row(m.run_id, f"{m.finished_at:%Y-%m-%d %H:%M:%S}", m.model, m.status,
                       m.selected.variant + ("" if m.selected.within_budget else " (over budget)"),
@@ -245,6 +279,10 @@ def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
         console.print(f"regression gate {verdict}: {m.gate.reason}")
     console.print(f"dataset {m.dataset.uri} ({m.dataset.fingerprint[:16]}…), "
                   f"{m.dataset.num_train} train / {m.dataset.num_val} val")
+    if m.dataset.skipped_images:
+        console.print(f"{len(m.dataset.skipped_images)} undecodable image(s) left out: "
+                      + ", ".join(m.dataset.skipped_images[:10])
+                      + (" …" if len(m.dataset.skipped_images) > 10 else ""), highlight=False)
     for a in m.artifacts:
         console.print(f"  {a.variant:<16} {a.bytes:>10,} B  sha256 {a.sha256[:16]}…  "
                       f"{st.uri(f'runs/{m.run_id}/{a.path}')}")
@@ -291,6 +329,9 @@ def serve(prefect_file: PrefectFileOpt = None, qat_slots: QatSlotsOpt = 1) -> No
 
 def main() -> None:
     """Entry point: run the app; user errors become one line and exit code 2."""
+    # quantlab's own warnings (storage retries) reach the terminal through Prefect's console
+    # handler during a flow; before one, the error message that follows says it all.
+    logging.getLogger("quantlab").addHandler(logging.NullHandler())
     try:
         app(standalone_mode=False)
     except QuantlabError as e:

@@ -85,19 +85,21 @@ class TransformConfig(_Model):
 class DataConfig(_Model):
     """An ImageFolder dataset: <uri>/train/<class>/*.png|jpg and <uri>/val/<class>/..."""
 
-    uri: str = Field(description="local path, file://, s3://bucket/prefix or memory://")
+    uri: str = Field(min_length=1, description="local path, file://, s3://bucket/prefix or memory://")
     batch_size: int = Field(32, ge=1, description="training and calibration batch size")
     eval_batch_size: int = Field(50, ge=1, description="evaluation batch size (the tutorial's 50)")
     max_eval_batches: int | None = Field(None, ge=1, description="None evaluates all of val/")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     transforms: TransformConfig = TransformConfig()
+    skip_bad_images: bool = Field(False, description="leave undecodable images out (listed in the "
+                                  "manifest) instead of stopping the run")
 
 
 class ModelConfig(_Model):
     """A torchvision quantizable architecture and its float checkpoint (a state_dict)."""
 
     name: str = Field("mobilenet_v2", description=f"one of {', '.join(ARCHITECTURES)}")
-    checkpoint: str = Field(description="URI of a torchvision-format state_dict (.pth)")
+    checkpoint: str = Field(min_length=1, description="URI of a torchvision-format state_dict (.pth)")
     kwargs: dict[str, Any] = Field(default_factory=dict,
                                    description="extra constructor arguments, e.g. width_mult")
 
@@ -287,7 +289,8 @@ class RunConfig(_Model):
 
     model: ModelConfig
     data: DataConfig
-    store: str = Field("./quantlab-store", description="root URI of artifacts and metrics")
+    store: str = Field("./quantlab-store", min_length=1,
+                       description="root URI of artifacts and metrics")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options without secrets, e.g. "
         "{'endpoint_url': 'http://127.0.0.1:5000'}; credentials come from the environment")

@@ -7,7 +7,9 @@ ImageNet is laid out after the usual preparation:
     <uri>/val/<class>/<image>...
 
 `stage()` brings a dataset from any store URI into a local cache keyed by its content, in
-parallel, and skips what is already there; `loader()` builds DataLoaders over the staged copy.
+parallel, and skips what is already there; it decodes every image once per dataset version, so
+that a broken file is named before any expensive work (or left out, with `skip_bad_images`).
+`loader()` builds DataLoaders over the staged copy.
 `seed_digits()` writes scikit-learn's 1,797 real handwritten digits in that layout (the demo).
 """
 
@@ -19,9 +21,11 @@ import io
 import json
 import logging
 import os
+import posixpath
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 STAGED_MARKER = ".quantlab-staged.json"   # in a staged copy: it is complete
+IMAGES_RECORD = ".images.json"            # <cache>/datasets/<fingerprint>.images.json: decode check
 SEEDED_MARKER = ".quantlab-seeded.json"   # in the store: the demo dataset is complete
 
 
@@ -54,6 +59,7 @@ class StagedData(BaseModel):
     num_bytes: int
     staged_files: int   # files downloaded by this call (0 when everything was cached)
     seconds: float
+    skipped: list[str] = []  # undecodable images left out (relative paths), with skip_bad_images
 
 
 # -- layout ------------------------------------------------------------------------------
@@ -65,10 +71,10 @@ def check_layout(files: list[st.FileInfo], uri: str) -> tuple[list[str], dict[st
     classes: dict[str, set[str]] = {s: set() for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     for f in files:
-        parts = f.relpath.split("/")
-        if len(parts) == 3 and parts[0] in SPLITS and parts[2].lower().endswith(IMAGE_EXTENSIONS):
-            classes[parts[0]].add(parts[1])
-            counts[parts[0]] += 1
+        if is_image(f.relpath):
+            split, cls, _ = f.relpath.split("/")
+            classes[split].add(cls)
+            counts[split] += 1
     for split in SPLITS:
         if not counts[split]:
             raise DataError(f"dataset {uri} has no images under {split}/; expected "
@@ -79,6 +85,13 @@ def check_layout(files: list[st.FileInfo], uri: str) -> tuple[list[str], dict[st
         raise DataError(f"dataset {uri}: classes differ between train/ and val/ (only in train: "
                         f"{only_train or 'none'}; only in val: {only_val or 'none'})")
     return sorted(classes["train"]), counts
+
+
+def is_image(relpath: str) -> bool:
+    """Is this path (relative to the dataset) an image that ImageFolder loads?"""
+    parts = relpath.split("/")
+    return (len(parts) == 3 and parts[0] in SPLITS and not parts[2].startswith(".")
+            and parts[2].lower().endswith(IMAGE_EXTENSIONS))
 
 
 def fingerprint(files: list[st.FileInfo]) -> str:
@@ -105,7 +118,8 @@ def dataset_fingerprint(uri: str, storage_options: dict | None = None) -> str:
 
 # -- staging -----------------------------------------------------------------------------
 def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
-          on_progress: Callable[[int, int], None] | None = None) -> StagedData:
+          on_progress: Callable[[int, int], None] | None = None,
+          skip_bad_images: bool = False) -> StagedData:
     """Make a dataset readable from local disk, verified, skipping what is already staged.
 
     Local datasets are read in place (fingerprinted, not copied). Remote ones (s3://,
@@ -113,6 +127,10 @@ def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
     `<cache_dir>/datasets/<fingerprint>/`. A download that is interrupted resumes: files
     already present with the right size are kept. When the counts and sizes check out, a
     staging manifest (.quantlab-staged.json) marks the copy complete.
+
+    Every image is then decoded once per dataset version (see `find_bad_images`; the result
+    is cached under the fingerprint). An undecodable image raises a DataError naming it, or,
+    with `skip_bad_images`, is left out of every loader and listed in `StagedData.skipped`.
     """
     start = time.perf_counter()
     files = list_dataset(uri, storage_options)
@@ -127,9 +145,81 @@ def stage(uri: str, cache_dir: str, storage_options: dict | None = None,
         marker = os.path.join(local, STAGED_MARKER)
         with _exclusive(local + ".lock"):  # two runs staging the same data take turns
             downloaded = _download(uri, files, local, marker, fp, storage_options, on_progress)
+    bad = _checked_images(local, files, cache_dir, fp)
+    if bad:
+        examples = "; ".join(f"{posixpath.join(uri, rel)} ({why})" for rel, why in sorted(bad.items())[:3])
+        if not skip_bad_images:
+            raise DataError(f"{len(bad)} image(s) in {uri} cannot be decoded: {examples}; fix or "
+                            "remove them, or leave them out with --skip-bad-images "
+                            "(data.skip_bad_images: true)")
+        log.warning("leaving out %d undecodable image(s) of %s: %s", len(bad), uri, examples)
+        left = {tuple(f.relpath.split("/")[:2]) for f in files
+                if is_image(f.relpath) and f.relpath not in bad}
+        empty = [f"{split}/{c}/" for split in SPLITS for c in classes if (split, c) not in left]
+        if empty:
+            raise DataError(f"dataset {uri}: without its undecodable images, "
+                            f"{', '.join(empty[:5])} would have no images left")
+        counts = {s: counts[s] - sum(rel.startswith(f"{s}/") for rel in bad) for s in SPLITS}
     return StagedData(uri=uri, local_path=local, fingerprint=fp, classes=classes,
                       num_train=counts["train"], num_val=counts["val"], num_bytes=total_bytes,
-                      staged_files=downloaded, seconds=time.perf_counter() - start)
+                      staged_files=downloaded, seconds=time.perf_counter() - start,
+                      skipped=sorted(bad))
+
+
+# -- the decode check ----------------------------------------------------------------------
+def check_image(path: str) -> str | None:
+    """None if the image decodes as the loader will read it, else why not (one line).
+
+    JPEGs decode in draft mode (at 1/8 scale, by libjpeg's DCT scaling): every byte of the
+    compressed stream is still read and entropy-decoded, so truncated or corrupt files fail as
+    they would in a full decode, at about half its cost. Other formats decode fully.
+    """
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (1, 1))
+            im.load()
+            im.convert("RGB")  # what torchvision's loader does next
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        text = str(e).replace(f" {path!r}", "").strip().splitlines()  # the caller names the file
+        return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def find_bad_images(root: str, relpaths: list[str], num_threads: int | None = None,
+                    chunk_size: int = 4096) -> dict[str, str]:
+    """Decode images below `root` in threads (PIL decodes without the GIL); {relpath: why}."""
+    num_threads = num_threads or min(32, 2 * (os.cpu_count() or 1))
+    bad: dict[str, str] = {}
+    last_report = time.monotonic()
+    with ThreadPoolExecutor(num_threads, thread_name_prefix="quantlab-decode") as pool:
+        for i in range(0, len(relpaths), chunk_size):
+            chunk = relpaths[i:i + chunk_size]
+            paths = [os.path.join(root, *rel.split("/")) for rel in chunk]
+            for rel, why in zip(chunk, pool.map(check_image, paths)):
+                if why is not None:
+                    bad[rel] = why
+            if time.monotonic() - last_report > 30:
+                log.info("decoded %d/%d images (%d undecodable)", i + len(chunk), len(relpaths),
+                         len(bad))
+                last_report = time.monotonic()
+    return bad
+
+
+def _checked_images(local: str, files: list[st.FileInfo], cache_dir: str, fp: str) -> dict[str, str]:
+    """Undecodable images of a staged dataset, decoded once per fingerprint (then cached)."""
+    record = os.path.join(os.path.expanduser(cache_dir), "datasets", fp[:32] + IMAGES_RECORD)
+    with _exclusive(record + ".lock"):
+        cached = _read_marker(record)
+        if cached.get("fingerprint") == fp:
+            return cached["bad"]
+        images = [f.relpath for f in files if is_image(f.relpath)]
+        start = time.perf_counter()
+        bad = find_bad_images(local, images)
+        log.info("decoded %d images of %s in %.1fs: %d undecodable", len(images), local,
+                 time.perf_counter() - start, len(bad))
+        _write_json(record, {"fingerprint": fp, "root": local, "num_images": len(images),
+                             "bad": bad, "checked_at": time.time()})
+    return bad
 
 
 def _download(uri: str, files: list[st.FileInfo], local: str, marker: str, fp: str,
@@ -153,10 +243,8 @@ def _download(uri: str, files: list[st.FileInfo], local: str, marker: str, fp: s
     if bad:
         raise DataError(f"staging {uri} left {len(bad)} files missing or truncated "
                         f"(e.g. {', '.join(bad[:3])}); re-run to resume")
-    with open(marker + ".tmp", "w") as f:
-        json.dump({"uri": uri, "fingerprint": fp, "num_files": len(files),
-                   "num_bytes": sum(f.size for f in files), "staged_at": time.time()}, f)
-    os.replace(marker + ".tmp", marker)
+    _write_json(marker, {"uri": uri, "fingerprint": fp, "num_files": len(files),
+                         "num_bytes": sum(f.size for f in files), "staged_at": time.time()})
     return len(todo)
 
 
@@ -174,6 +262,13 @@ def _exclusive(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Write a small local JSON record atomically (callers hold its lock)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 def _read_marker(path: str) -> dict:
@@ -209,10 +304,16 @@ class _CheckedImageFolder(datasets.ImageFolder):
 
 
 def image_folder(staged: StagedData, split: str, transform) -> datasets.ImageFolder:
+    """An ImageFolder over a staged split: the images staging counted, without skipped ones."""
     root = os.path.join(staged.local_path, split)
     if not os.path.isdir(root):
         raise DataError(f"dataset {staged.uri} has no {split}/ folder")
-    ds = _CheckedImageFolder(root, transform=transform)
+    skipped = set(staged.skipped)
+
+    def usable(path: str) -> bool:
+        rel = os.path.relpath(path, staged.local_path).replace(os.sep, "/")
+        return is_image(rel) and rel not in skipped
+    ds = _CheckedImageFolder(root, transform=transform, is_valid_file=usable)
     if ds.classes != staged.classes:
         raise DataError(f"{root}: classes changed since staging; re-stage the dataset")
     return ds

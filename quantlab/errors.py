@@ -18,7 +18,16 @@ class CheckpointError(QuantlabError):
 
 
 class StoreError(QuantlabError):
-    """The store cannot be reached, read or written."""
+    """The store cannot be reached, read or written.
+
+    `transient` is True when the store stopped answering (unreachable, throttled, 5xx) and
+    our retries ran out: trying again later may work. A denied request or a missing bucket is
+    not transient.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class IntegrityError(QuantlabError):

@@ -48,14 +48,21 @@ def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     Accepts a bare state_dict (torchvision's format) or the torchvision references' training
     checkpoint ({"model": state_dict, ...}).
     """
+    if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
+        raise CheckpointError(f"checkpoint {source} is not a torch file (not the zip archive or "
+                              "the pickle that torch.save writes)")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
+        # torch's message: a generic paragraph, then the reason (the global it refused), then
+        # a pointer to the docs. Keep the reason.
+        parts = [p.strip() for p in str(e).split("\n\n") if p.strip()]
+        reason = next((p for p in parts[1:] if not p.startswith("Check the documentation")),
+                      parts[0] if parts else "refused")
         raise CheckpointError(
-            f"checkpoint {source} was refused by torch.load(weights_only=True): {first}. "
-            "quantlab only loads plain tensors (a state_dict); re-save it with "
-            "torch.save(model.state_dict(), path)") from None
+            f"checkpoint {source} was refused by torch.load(weights_only=True): "
+            f"{' '.join(reason.split())} quantlab only loads plain tensors (a state_dict); "
+            "re-save it with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # not a zip/pickle at all: a text file, a truncated upload, ...
         raise CheckpointError(f"checkpoint {source} is not a torch file ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -127,14 +134,12 @@ def _bias(weight_key: str) -> str:
 def load_float_model(name: str, num_classes: int, checkpoint: str,
                      storage_options: dict | None = None, **kwargs) -> nn.Module:
     """Build an architecture and load its float checkpoint from any store URI (eval mode)."""
-    from quantlab.errors import NotFoundError, StoreError
+    from quantlab.errors import NotFoundError
     from quantlab.store import read_uri
 
-    try:
+    try:  # a StoreError (unreachable, denied) names the URI and goes up as it is
         data = read_uri(checkpoint, storage_options)
     except (NotFoundError, IsADirectoryError):
         raise CheckpointError(f"checkpoint {checkpoint} does not exist") from None
-    except StoreError as e:
-        raise CheckpointError(f"cannot read checkpoint {checkpoint}: {e}") from None
     model = build(name, num_classes, **kwargs)
     return load_float_weights(model, data, checkpoint, name).eval()

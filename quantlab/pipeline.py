@@ -5,9 +5,9 @@ store, and returns a small pydantic record; tensors and modules never cross a st
 The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in order:
 
     cfg = load_config("run.yaml")
-    num_classes = preflight(cfg)                    # all validation, before any work
+    num_classes = preflight(cfg)                    # all cheap validation, before any work
+    staged = stage(cfg)                             # + every image decoded; nothing stored yet
     run = start_run(cfg)
-    staged = stage(cfg)
     float_eval = evaluate_float(cfg, staged)
     results = [export_float(cfg, staged, run, float_eval)]
     results += [ptq_variant(cfg, staged, run, v) for v in cfg.variants]
@@ -50,7 +50,7 @@ from quantlab.errors import ConfigError, DataError, NotFoundError
 from quantlab.evaluate import EvalResult, evaluate
 from quantlab.registry import ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow
 from quantlab.sensitivity import FallbackStep, SensitivityResult
-from quantlab.store import Store
+from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store
 
 log = logging.getLogger("quantlab.pipeline")
 
@@ -83,12 +83,17 @@ def preflight(cfg: RunConfig) -> int:
 
     Engines this CPU supports, a writable store, the dataset's layout (class folders of train/
     and val/), and the checkpoint (exists, loads with weights_only, fits the architecture and
-    the dataset's number of classes).
+    the dataset's number of classes). Writes nothing. Storage calls give up after a few
+    seconds here: an endpoint that does not answer yet is more likely a wrong URL than a fault.
+    Images are decoded later, by `stage`, which reads them anyway.
     """
     for engine in {v.engine for v in cfg.variants} | ({cfg.qat.engine} if cfg.qat.enabled else set()):
         check_engine(engine)
-    store_of(cfg).check_writable()
-    dataset = Store(cfg.data.uri, cfg.storage_options)
+    Store(cfg.store, cfg.storage_options, PREFLIGHT_RETRY_DELAYS).check_writable()
+    dataset = Store(cfg.data.uri, cfg.storage_options, PREFLIGHT_RETRY_DELAYS)
+    if not dataset.list_dir(""):
+        raise DataError(f"dataset {dataset.root} does not exist or is empty; expected "
+                        "train/<class>/<image> and val/<class>/<image>")
     splits = {s: dataset.list_dir(s) for s in data.SPLITS}
     for split, classes in splits.items():
         if not classes:
@@ -128,8 +133,10 @@ def start_run(cfg: RunConfig) -> RunInfo:
 
 # -- data and the float baseline -----------------------------------------------------------
 def stage(cfg: RunConfig, on_progress: Callable[[int, int], None] | None = None) -> StagedData:
-    """Bring the dataset into the local cache (or fingerprint it in place when it is local)."""
-    return data.stage(cfg.data.uri, cfg.cache_dir, cfg.storage_options, on_progress)
+    """Bring the dataset into the local cache (or fingerprint it in place when it is local),
+    and decode every image once (see data.stage)."""
+    return data.stage(cfg.data.uri, cfg.cache_dir, cfg.storage_options, on_progress,
+                      skip_bad_images=cfg.data.skip_bad_images)
 
 
 def ensure_staged(cfg: RunConfig, staged: StagedData) -> StagedData:
@@ -443,7 +450,7 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
         config=cfg.model_dump(mode="json"), versions=versions(),
         dataset=DatasetInfo(uri=staged.uri, fingerprint=staged.fingerprint,
                             classes=staged.classes, num_train=staged.num_train,
-                            num_val=staged.num_val),
+                            num_val=staged.num_val, skipped_images=staged.skipped),
         artifacts=[r.artifact for r in results], results=rows, selected=selected, gate=gate,
         report={"markdown": "report/report.md", "plot": "report/comparison.png"})
     store.write_bytes(f"{base}/report/report.md",

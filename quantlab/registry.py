@@ -13,17 +13,20 @@ A reader trusts an artifact only through a manifest whose sha256 matches its byt
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantlab.errors import IntegrityError, NotFoundError  # noqa: F401 (re-exported)
+from quantlab.errors import IntegrityError, NotFoundError, StoreError
 from quantlab.store import Store, check_relpath
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -57,7 +60,11 @@ class ArtifactEntry(_Strict):
     @field_validator("path")
     @classmethod
     def _relative(cls, v: str) -> str:
-        if check_relpath(v) != v or v.startswith("."):
+        try:
+            plain = check_relpath(v) == v and not v.startswith(".")
+        except StoreError:
+            plain = False
+        if not plain:
             raise ValueError(f"artifact path {v!r} must be a plain relative path")
         return v
 
@@ -102,6 +109,7 @@ class DatasetInfo(_Strict):
     classes: list[str]
     num_train: int
     num_val: int
+    skipped_images: list[str] = []          # undecodable images left out (skip_bad_images)
 
 
 class Manifest(_Strict):
@@ -110,7 +118,7 @@ class Manifest(_Strict):
     status: Literal["succeeded", "rejected"]   # rejected: complete, but the gate kept `best`
     created_at: datetime
     finished_at: datetime
-    model: str
+    model: str = Field(pattern=_NAME)       # names files that `pull` writes: no path separators
     input_size: int
     max_accuracy_drop: float
     config: dict[str, Any]
@@ -135,8 +143,8 @@ class Manifest(_Strict):
 class Alias(_Strict):
     name: str = Field(pattern=_NAME)
     run_id: str = Field(pattern=_NAME)
-    model: str
-    variant: str | None = None
+    model: str = Field(pattern=_NAME)
+    variant: str | None = Field(None, pattern=_NAME)
     updated_at: datetime
 
 
@@ -150,20 +158,35 @@ def load_manifest(store: Store, run_id: str) -> Manifest:
                             "(no manifest.json)") from None
 
 
-def list_runs(store: Store) -> list[Manifest]:
-    """Complete runs, oldest first. Runs without a manifest (running, failed) are skipped."""
+def list_runs(store: Store,
+              on_invalid: Callable[[str, IntegrityError], None] | None = None) -> list[Manifest]:
+    """Complete runs, oldest first. Runs without a manifest (running, failed) are skipped.
+
+    A manifest that is not valid (tampered with, or of another schema) is skipped too, and
+    reported to `on_invalid(run_id, error)` (by default a warning in the log): one bad run
+    does not hide the others.
+    """
     out = []
     for run_id in store.list_dir("runs"):
         try:
             out.append(_read_manifest(store, run_id))
         except NotFoundError:
             continue  # no manifest: the run is running, failed or was interrupted
+        except IntegrityError as e:
+            if on_invalid is None:
+                log.warning("skipping run %s: %s", run_id, e)
+            else:
+                on_invalid(run_id, e)
     return sorted(out, key=lambda m: m.created_at)
 
 
 def _read_manifest(store: Store, run_id: str) -> Manifest:
     rel = f"{run_dir(run_id)}/manifest.json"
-    return _validate(Manifest, store.read_json(rel), store.uri(rel))
+    manifest = _validate(Manifest, store.read_json(rel), store.uri(rel))
+    if manifest.run_id != run_id:
+        raise IntegrityError(f"{store.uri(rel)} names run {manifest.run_id!r}, not {run_id!r}; "
+                             "refusing it")
+    return manifest
 
 
 def list_aliases(store: Store) -> list[Alias]:
@@ -227,9 +250,13 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     store = Store(store) if isinstance(store, str) else store
     manifest = load_manifest(store, resolve(store, ref))
     entry = manifest.artifact(variant)
-    dest = os.path.abspath(dest or f"{manifest.model}-{entry.variant}-{manifest.run_id}.pt")
+    # Every part of the name matched a pattern without path separators when the manifest was
+    # validated: a crafted manifest cannot steer the file out of `dest`.
+    name = f"{manifest.model}-{entry.variant}-{manifest.run_id}.pt"
+    assert os.path.basename(name) == name and not name.startswith("."), name
+    dest = os.path.abspath(dest or name)
     if os.path.isdir(dest):
-        dest = os.path.join(dest, f"{manifest.model}-{entry.variant}-{manifest.run_id}.pt")
+        dest = os.path.join(dest, name)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     rel = f"{run_dir(manifest.run_id)}/{entry.path}"
     fd, tmp = tempfile.mkstemp(prefix=".quantlab-pull-", dir=os.path.dirname(dest))

@@ -17,6 +17,7 @@ environment, never through a config, a manifest or a command line).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ import fsspec
 from fsspec.callbacks import Callback
 from fsspec.core import url_to_fs
 
-from quantlab.errors import NotFoundError, StoreError
+from quantlab.errors import IntegrityError, NotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 ENV_OPTIONS = "QUANTLAB_STORAGE_OPTIONS"
@@ -43,9 +44,20 @@ T = TypeVar("T")
 # Transient failures worth retrying: connection refused/reset while an endpoint restarts,
 # throttling and 5xx answers. Anything else (missing bucket, denied, bad key) fails at once.
 _TRANSIENT_MARKERS = ("connect", "timeout", "timed out", "slowdown", "slow down", "throttl",
-                      "service unavailable", "internal error", "503", "500", "reset by peer",
-                      "server disconnected", "broken pipe")
+                      "reduce your request rate", "service unavailable", "internal error", "503",
+                      "500", "reset by peer", "server disconnected", "broken pipe")
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded", "500", "503"}
+# s3fs turns 503 SlowDown into OSError(EBUSY), 500 InternalError into OSError(EREMOTEIO).
+_TRANSIENT_ERRNOS = {errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE}
 _RETRY_DELAYS = (0.5, 1, 2, 4, 8)  # seconds; about 15 s in all, enough for an endpoint restart
+# Before a run starts, an endpoint that does not answer is more likely a wrong URL than a
+# restart: the preflight probe gives up after about 3.5 s.
+PREFLIGHT_RETRY_DELAYS = (0.5, 1, 2)
+# S3 error codes that mean the credentials themselves were refused (not the permission).
+_REJECTED_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                         "ExpiredToken", "InvalidClientTokenId", "TokenRefreshRequired")
 
 
 def env_storage_options() -> dict[str, Any]:
@@ -76,6 +88,11 @@ def resolve_options(uri: str, options: dict[str, Any] | None = None) -> dict[str
         # Other processes write the store, so a cached listing is soon stale; and s3fs would
         # keep every entry of a dataset's listing (a million dicts for ImageNet) for good.
         merged.setdefault("use_listings_cache", False)
+        # One retry layer with a known budget (call_with_retries): botocore's own retries
+        # (5 attempts, each retrying connection errors) nested inside ours took a minute to
+        # report an endpoint where nothing listens. s3fs still retries SlowDown briefly.
+        merged["config_kwargs"] = {"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                   **merged.get("config_kwargs", {})}
     return merged
 
 
@@ -115,11 +132,13 @@ class FileInfo:
 class Store:
     """A root URI and the handful of operations quantlab needs on it."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None,
+                 retry_delays: tuple[float, ...] = _RETRY_DELAYS):
         self.root = normalize_uri(root)
         self.storage_options = dict(storage_options or {})
         self.fs, self._base = filesystem(self.root, self.storage_options)
         self.local = is_local(self.root)
+        self.retry_delays = retry_delays
 
     def __repr__(self) -> str:
         return f"Store({self.root!r})"
@@ -149,7 +168,7 @@ class Store:
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise StoreError(f"{self.uri(rel)} is not valid JSON") from None
+            raise IntegrityError(f"{self.uri(rel)} is not valid JSON") from None
 
     @contextmanager
     def open(self, rel: str) -> Iterator[BinaryIO]:
@@ -229,19 +248,39 @@ class Store:
         self._call(f"delete {self.uri(rel)}", rm)
 
     def check_writable(self) -> None:
-        """Probe the store: reachable, bucket present, writable, credentials accepted."""
-        probe = f".quantlab-probe/{uuid.uuid4().hex}"
+        """Probe the store: reachable, bucket present, writable, credentials accepted.
+
+        Leaves nothing behind: a probe object is written and deleted at the root (S3 and
+        other object stores); a local folder that does not exist yet is not created, its
+        nearest existing parent must be writable.
+        """
+        probe = f".quantlab-probe-{uuid.uuid4().hex[:12]}"
+        if self.local and not os.path.isdir(self.root):
+            parent = self.root
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+                raise StoreError(f"cannot create store {self.root}: {parent} is not a writable "
+                                 "folder")
+            return
         self.write_bytes(probe, b"ok")
         self.delete(probe)
 
     # -- error translation and retries -------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return call_with_retries(what, fn)
+        return call_with_retries(what, fn, self.retry_delays)
 
 
-def call_with_retries(what: str, fn: Callable[[], T]) -> T:
-    """Run a storage call; retry transient faults with backoff; translate the rest."""
-    for attempt, delay in enumerate((*_RETRY_DELAYS, None)):
+def call_with_retries(what: str, fn: Callable[[], T],
+                      delays: tuple[float, ...] = _RETRY_DELAYS) -> T:
+    """Run a storage call; retry transient faults with backoff; translate the rest.
+
+    Transient faults (connection refused or reset, timeouts, throttling, 5xx) are retried
+    after each of `delays` seconds, then raise StoreError(transient=True). A missing object
+    or bucket raises NotFoundError, refused credentials or a denied request StoreError, at
+    once. Messages never include credentials: only the operation, the URI and error codes.
+    """
+    for attempt, delay in enumerate((*delays, None)):
         try:
             return fn()
         except (NotFoundError, StoreError):
@@ -249,24 +288,40 @@ def call_with_retries(what: str, fn: Callable[[], T]) -> T:
         except FileNotFoundError as e:
             missing = "bucket" if "bucket" in str(e).lower() else "object"
             raise NotFoundError(f"cannot {what}: no such {missing}") from None
-        except PermissionError:
-            raise StoreError(f"cannot {what}: permission denied (check the credentials and the "
-                             "bucket policy)") from None
+        except PermissionError as e:
+            code = _error_code(e)
+            if code in _REJECTED_CREDENTIALS:
+                raise StoreError(f"cannot {what}: the credentials were rejected ({code}); check "
+                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
+            raise StoreError(f"cannot {what}: permission denied ({code or 'AccessDenied'}); the "
+                             "credentials were accepted but may not do this: check the bucket "
+                             "or IAM policy") from None
         except Exception as e:  # botocore/aiohttp/OS errors: classify by message
             text = f"{type(e).__name__}: {e}".lower()
             if any(m in text for m in ("credential", "invalidaccesskeyid", "signaturedoesnotmatch",
                                        "accessdenied", "forbidden", "403")):
                 raise StoreError(f"cannot {what}: credentials were missing or rejected "
                                  f"({type(e).__name__})") from None
-            if delay is None or not any(m in text for m in _TRANSIENT_MARKERS):
-                if any(m in text for m in _TRANSIENT_MARKERS):
-                    raise StoreError(f"cannot {what}: the store did not answer after "
-                                     f"{attempt + 1} attempts ({type(e).__name__})") from None
+            transient = (_error_code(e) in _TRANSIENT_CODES or isinstance(e, TimeoutError)
+                         or getattr(e, "errno", None) in _TRANSIENT_ERRNOS
+                         or any(m in text for m in _TRANSIENT_MARKERS))
+            if delay is None or not transient:
+                if transient:
+                    raise StoreError(f"cannot {what}: the store is unreachable or overloaded "
+                                     f"({_error_code(e) or type(e).__name__}) after "
+                                     f"{attempt + 1} attempts in {sum(delays):.1f} s",
+                                     transient=True) from None
                 raise StoreError(f"cannot {what}: {type(e).__name__}: {_first_line(e)}") from None
             log.warning("storage error on %s (%s); retry %d in %.1fs", what, type(e).__name__,
                         attempt + 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The S3 error code behind an s3fs-translated exception (its cause is botocore's)."""
+    response = getattr(e.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code")
 
 
 def check_relpath(rel: str) -> str:

@@ -3,10 +3,10 @@
 A re-run with the same float checkpoint and dataset reuses the earlier results instead of
 staging and evaluating again. Keys come from content, never from a URI alone:
 
-- staging: the dataset's listing (every file's path, size and ETag or mtime), its URI and
-  the local cache folder;
+- staging: the dataset's listing (every file's path, size and ETag or mtime), its URI, the
+  local cache folder and whether undecodable images are skipped;
 - float evaluation: the checkpoint's bytes (sha256, or the ETag of an S3 object), the
-  dataset's fingerprint, the model and evaluation settings, and the code versions.
+  dataset's fingerprint and skipped images, the model and evaluation settings, and the code versions.
 
 Results are persisted in Prefect's result storage (PREFECT_LOCAL_STORAGE_PATH, by default
 $PREFECT_HOME/storage); PREFECT_TASKS_REFRESH_CACHE=true recomputes them. A cache hit is
@@ -39,7 +39,8 @@ def dataset_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Staging is skipped while the dataset's listing is unchanged (one listing, no reads)."""
     cfg: RunConfig = parameters["config"]
     fingerprint = data.dataset_fingerprint(cfg.data.uri, cfg.storage_options)
-    return _key("stage", cfg.data.uri, os.path.expanduser(cfg.cache_dir), fingerprint)
+    return _key("stage", cfg.data.uri, os.path.expanduser(cfg.cache_dir), fingerprint,
+                cfg.data.skip_bad_images)
 
 
 def float_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -48,7 +49,7 @@ def float_eval_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     staged: StagedData = parameters["staged"]
     versions = {k: v for k, v in pipeline.versions().items() if k in ("quantlab", "torch", "torchvision")}
     return _key("evaluate-float", content_hash(cfg.model.checkpoint, cfg.storage_options),
-                staged.fingerprint, cfg.model.name, cfg.model.kwargs,
+                staged.fingerprint, staged.skipped, cfg.model.name, cfg.model.kwargs,
                 cfg.data.model_dump(mode="json", include={"eval_batch_size", "max_eval_batches",
                                                           "transforms"}), versions)
 

@@ -1,7 +1,8 @@
 """The `quantize` pipeline's stages as Prefect tasks, one per quantlab.pipeline step.
 
 Tasks pass small records (URIs, run ids, metric rows); never tensors or modules. I/O tasks
-retry with backoff; deterministic compute does not (a retry would fail the same way).
+retry with backoff, unless the error is a user's mistake (bad data, checkpoint, settings) or a
+refusal by the store, which a retry would meet again; deterministic compute does not retry.
 Staging and the float evaluation are cached by content (tasks/caching.py). Every stage has
 a timeout and tags; QAT training carries the `quantlab-qat` tag, whose concurrency limit
 (created by `quantlab deploy`) keeps two runs from training on one machine at once.
@@ -23,6 +24,7 @@ from quantlab import pipeline, qat, registry, report
 from quantlab.bench import Latency
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
+from quantlab.errors import QuantlabError, StoreError
 from quantlab.evaluate import EvalResult
 from quantlab.pipeline import RunInfo, VariantResult
 from quantlab.registry import ArtifactEntry, GateVerdict, Manifest
@@ -30,8 +32,17 @@ from quantlab.sensitivity import SensitivityResult
 from tasks.caching import dataset_key, float_eval_key, log_cache_hit
 from tasks.progress import Progress
 
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry unexpected errors and a store that stopped answering; not a user's mistake."""
+    exc = state.data
+    if isinstance(exc, StoreError):
+        return exc.transient
+    return not isinstance(exc, QuantlabError)
+
+
 IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-                  retry_jitter_factor=0.5)
+                  retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 HOUR = 3600
 # Ceilings, in seconds, that turn a hung stage (a stalled download, a wedged worker group)
 # into a failed task run; sized for ImageNet on one CPU node.
@@ -69,6 +80,9 @@ def stage_data(config: RunConfig) -> StagedData:
     logger.info("dataset %s: %d classes, %d train / %d val images, fingerprint %s "
                 "(%d files downloaded, %.1fs)", staged.uri, len(staged.classes), staged.num_train,
                 staged.num_val, staged.fingerprint[:12], staged.staged_files, staged.seconds)
+    if staged.skipped:
+        logger.warning("left out %d undecodable image(s): %s", len(staged.skipped),
+                       ", ".join(staged.skipped))
     return staged
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -189,6 +190,38 @@ def run_ctx(tiny_config):
     run = pipeline.start_run(tiny_config)
     staged = pipeline.stage(tiny_config)
     return tiny_config, run, staged, num_classes
+
+
+# -- the command line ------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def quantlab_cli():
+    """`quantlab ARGS` in a new process per call, for commands that stop before a flow starts.
+
+    The processes are forked from one that imported quantlab already (tests/cli_zygote.py):
+    each call costs a fraction of a second instead of re-importing torch.
+    `env` entries override the environment (None removes a variable).
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "tests.cli_zygote"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def run(*args: str, env: dict | None = None, cwd: str | None = None,
+            supported_engines: list[str] | None = None) -> subprocess.CompletedProcess:
+        child_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+        request = {"argv": list(args), "cwd": str(cwd or os.getcwd()),
+                   "env": {k: v for k, v in child_env.items() if v is not None},
+                   "supported_engines": supported_engines}
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        reply = json.loads(proc.stdout.readline())
+        return subprocess.CompletedProcess(["quantlab", *args], reply["returncode"],
+                                           reply["stdout"], reply["stderr"])
+
+    yield run
+    proc.stdin.close()
+    proc.wait(timeout=60)
 
 
 # -- Prefect --------------------------------------------------------------------------------

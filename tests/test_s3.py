@@ -202,10 +202,13 @@ def test_credentials_are_never_printed_logged_or_stored(s3_run, s3_endpoint):
     with get_client(sync_client=True) as client:
         runs = read_all(client.read_flow_runs)
         logs = read_all(client.read_logs, log_filter=LogFilter())
+        artifacts = read_all(client.read_artifacts)
     prefect_logs = "\n".join(lg.message for lg in logs)
     assert f"run {s3_run.run_id} in" in prefect_logs and "[rank 0/2]" in prefect_logs
+    assert any(s3_run.run_id in str(a.data) for a in artifacts)  # the run's report, among others
     prefect_records = json.dumps([r.model_dump(mode="json") for r in runs] +
-                                 [lg.model_dump(mode="json") for lg in logs])
+                                 [lg.model_dump(mode="json") for lg in logs] +
+                                 [a.model_dump(mode="json") for a in artifacts])
 
     for canary in (CANARY_KEY, CANARY_SECRET, urllib.parse.quote(CANARY_SECRET, safe="")):
         for text in outputs:

@@ -10,7 +10,8 @@ import pytest
 from quantlab import data, metrics
 from quantlab.errors import DataError, NotFoundError, StoreError
 from quantlab.store import Store, list_files
-from tests.conftest import upload_tree, write_tiny_dataset
+from quantlab.config import DataConfig
+from tests.conftest import TINY_TRANSFORMS, upload_tree, write_tiny_dataset
 
 RUN_DATE = metrics.now()
 EVALUATION = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",
@@ -147,14 +148,38 @@ def test_classes_must_match_between_splits(tmp_path):
         data.stage(root, str(tmp_path / "cache"))
 
 
-def test_undecodable_image_names_the_file(tmp_path, tiny_config):
-    root = write_tiny_dataset(str(tmp_path / "ds"), per_class=(2, 1))
-    bad = os.path.join(root, "val", "square", "000.png")
-    with open(bad, "wb") as f:
+def test_undecodable_images_are_named_at_staging_or_left_out(tmp_path):
+    root = write_tiny_dataset(str(tmp_path / "ds"), per_class=(2, 2))
+    with open(os.path.join(root, "val", "square", "000.png"), "wb") as f:
         f.write(b"\x89PNG garbage")
+    with open(os.path.join(root, "train", "cross", "001.png"), "r+b") as f:
+        f.truncate(os.path.getsize(f.name) // 2)  # a cut-off download
+    cache = str(tmp_path / "cache")
+    with pytest.raises(DataError) as e:
+        data.stage(root, cache)
+    assert "2 image(s)" in str(e.value) and "--skip-bad-images" in str(e.value)
+    assert f"{root}/val/square/000.png (UnidentifiedImageError" in str(e.value)
+    assert f"{root}/train/cross/001.png (OSError" in str(e.value)
+
+    staged = data.stage(root, cache, skip_bad_images=True)  # the decode check is cached
+    assert staged.skipped == ["train/cross/001.png", "val/square/000.png"]
+    assert (staged.num_train, staged.num_val) == (5, 5)
+    ds = data.image_folder(staged, "val", None)
+    assert len(ds) == 5 and not any(p.endswith("square/000.png") for p, _ in ds.samples)
+    assert len(data.image_folder(staged, "train", None)) == 5
+
+    os.remove(os.path.join(root, "val", "square", "001.png"))  # the class's only good image
+    with pytest.raises(DataError, match="without its undecodable images, val/square/ would have"):
+        data.stage(root, cache, skip_bad_images=True)
+
+
+def test_image_broken_after_staging_is_named_by_the_loader(tmp_path):
+    root = write_tiny_dataset(str(tmp_path / "ds"), per_class=(2, 1))
     staged = data.stage(root, str(tmp_path / "cache"))
+    with open(os.path.join(root, "val", "square", "000.png"), "wb") as f:
+        f.write(b"\x89PNG garbage")
     with pytest.raises(DataError, match="cannot decode image .*square/000.png"):
-        list(data.loader(staged, tiny_config.data, "val", train=False))
+        list(data.loader(staged, DataConfig(uri=root, transforms=TINY_TRANSFORMS), "val", train=False))
 
 
 def test_digits_seed_once(tmp_path):
