@@ -9,6 +9,7 @@
     quantlab pull RUN|ALIAS [--variant NAME|best] [--dest PATH]
     quantlab deploy [--prefect-file deploy/prefect.yaml]  register the scheduled deployments
     quantlab serve [--prefect-file ...]                  serve them from this process
+    quantlab bench [--model NAME] [--input-size N] [--threads 1,2] [--batch-sizes 1,8] ...
 
 A user's mistake prints one line naming the bad value and the valid ones, and exits 2;
 a run that the regression gate rejected exits 3; `--debug` shows the traceback.
@@ -325,6 +326,66 @@ def serve(prefect_file: PrefectFileOpt = None, qat_slots: QatSlotsOpt = 1) -> No
     from flows import deployments
 
     deployments.serve(prefect_file, qat_slots)
+def _csv(option: str, value: str, cast=str) -> list:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise QuantlabError(f"{option} {value!r} must be a comma-separated list of "
+                            f"{cast.__name__}s, e.g. 1,2") from None
+
+
+@app.command()
+def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobilenet_v2",
+          input_size: Annotated[int, typer.Option(help="input side, pixels")] = 224,
+          num_classes: Annotated[int, typer.Option(help="classifier outputs")] = 1000,
+          model_arg: Annotated[Optional[list[str]], typer.Option(
+              help="constructor argument KEY=VALUE (repeatable), e.g. width_mult=0.5")] = None,
+          checkpoint: Annotated[Optional[str], typer.Option(
+              help="float state_dict URI; default: random weights (timing only)")] = None,
+          store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None,
+          threads: Annotated[str, typer.Option(help="intra-op thread counts")] = "1,2",
+          batch_sizes: Annotated[str, typer.Option(help="batch sizes")] = "1,8",
+          variants: Annotated[str, typer.Option(help="quantlab PTQ presets")] = "ptq-minmax,ptq-x86",
+          engines: Annotated[str, typer.Option(
+              help="engines of the plain-torch int8 candidates (quantlab's int8 artifacts are "
+              "loaded under each too)")] = "x86,onednn",
+          optimisations: Annotated[str, typer.Option(
+              help="plain-torch candidates: script, freeze, optimize_for_inference")
+          ] = "freeze,optimize_for_inference",
+          channels_last: Annotated[bool, typer.Option(
+              "--channels-last", help="also time channels-last plain-torch candidates")] = False,
+          warmup: Annotated[int, typer.Option(help="untimed calls per model and setting")] = 10,
+          iterations: Annotated[int, typer.Option(help="timed calls per model and setting")] = 100,
+          no_profile: Annotated[bool, typer.Option(
+              "--no-profile", help="skip load time and peak memory (fresh processes)")] = False,
+          ) -> None:
+    """Time float vs int8 (quantlab's artifacts and plain torch), store and print the table."""
+    from quantlab import benchsuite, report
+
+    _apply_storage_options(storage_option)
+    kwargs = {}
+    for item in model_arg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QuantlabError(f"--model-arg {item!r} must be KEY=VALUE")
+        kwargs[key] = yaml.safe_load(value)
+    spec = benchsuite.parse_spec({
+        "model": model, "input_size": input_size, "num_classes": num_classes,
+        "model_kwargs": kwargs, "checkpoint": checkpoint,
+        "threads": _csv("--threads", threads, int),
+        "batch_sizes": _csv("--batch-sizes", batch_sizes, int),
+        "variants": _csv("--variants", variants), "engines": _csv("--engines", engines),
+        "optimisations": _csv("--optimisations", optimisations), "channels_last": channels_last,
+        "warmup": warmup, "iterations": iterations, "profile": not no_profile})
+    result = benchsuite.run(spec, store, log=lambda line: err_console.print(line, highlight=False))
+    title = f"{spec.model} {spec.input_size}x{spec.input_size}, {result.weights} weights"
+    console.print(report.dict_table(benchsuite.formatted_rows(result.rows), title=title))
+    console.print(report.dict_table(benchsuite.formatted_figures(
+        benchsuite.summarize(result.rows)), title="int8 vs float and vs plain torch", num_left=1))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"rows stored in {store}/metrics/benchmarks (run_id {result.run_id})")
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ PTQ variants, the QAT schedule, the benchmark settings and the store. Every bad 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from quantlab.errors import ConfigError
 from quantlab.models import ARCHITECTURES
@@ -156,6 +157,25 @@ PTQ_PRESETS: dict[str, VariantConfig] = {
 PresetName = Literal[tuple(PTQ_PRESETS)]  # type: ignore[valid-type]
 
 
+def expand_presets(variants: Any) -> list:
+    """Variants given by preset name ("ptq-x86") or as full mappings -> configs or mappings."""
+    out = []
+    for item in variants or ():
+        if isinstance(item, str):
+            if item not in PTQ_PRESETS:
+                raise ValueError(f"unknown variant {item!r}; presets: {', '.join(PTQ_PRESETS)}"
+                                 " (or give a mapping with name, engine, observers)")
+            item = PTQ_PRESETS[item]
+        out.append(item)
+    return out
+
+
+# PTQ variants, each a preset name or a full mapping. Names are expanded into VariantConfigs
+# on validation; declaring them in the type puts them in the JSON schema, which Prefect checks
+# deployment parameters against.
+Variants = Annotated[tuple[VariantConfig | PresetName, ...], BeforeValidator(expand_presets)]
+
+
 class QATConfig(_Model):
     """Quantization-aware training, the tutorial's schedule, as torch.distributed workers.
 
@@ -295,9 +315,7 @@ class RunConfig(_Model):
         default_factory=dict, description="fsspec options without secrets, e.g. "
         "{'endpoint_url': 'http://127.0.0.1:5000'}; credentials come from the environment")
     cache_dir: str = Field("~/.cache/quantlab", description="local cache of staged datasets")
-    # Preset names are expanded into VariantConfigs on validation; declaring them in the type
-    # puts them in the JSON schema, which Prefect checks deployment parameters against.
-    variants: tuple[VariantConfig | PresetName, ...] = tuple(PTQ_PRESETS.values())
+    variants: Variants = tuple(PTQ_PRESETS.values())
     qat: QATConfig = QATConfig()
     bench: BenchConfig = BenchConfig()
     max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points below float allowed "
@@ -310,20 +328,6 @@ class RunConfig(_Model):
     dask_address: str | None = Field(
         None, description="Dask scheduler that runs the PTQ variants, e.g. tcp://10.0.0.5:8786; "
         "None: threads of the flow's own process")
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _expand_presets(cls, v: Any) -> Any:
-        """A variant may be given by preset name ("ptq-x86") or as a full mapping."""
-        out = []
-        for item in v or ():
-            if isinstance(item, str):
-                if item not in PTQ_PRESETS:
-                    raise ValueError(f"unknown variant {item!r}; presets: {', '.join(PTQ_PRESETS)}"
-                                     " (or give a mapping with name, engine, observers)")
-                item = PTQ_PRESETS[item]
-            out.append(item)
-        return out
 
     @field_validator("storage_options")
     @classmethod

@@ -40,8 +40,22 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("engine", pa.string()), ("input_size", pa.int64()),
         ("batch_size", pa.int64()), ("num_threads", pa.int64()),
         ("latency_ms", pa.float64()),        # median
-        ("latency_ms_p90", pa.float64()), ("images_per_sec", pa.float64()),
-        ("iterations", pa.int64()), ("cpu", pa.string()), ("created_at", _TS),
+        ("latency_ms_p90", pa.float64()), ("latency_ms_min", pa.float64()),
+        ("images_per_sec", pa.float64()),
+        ("iterations", pa.int64()), ("cpu", pa.string()),   # "model [int8 ISA flags]"
+        ("cpu_avx2", pa.bool_()), ("cpu_avx512_vnni", pa.bool_()),  # int8 dot-product ISA:
+        ("cpu_amx", pa.bool_()),             # VNNI/AMX are what make int8 several times faster
+        ("source", pa.string()),             # quantlab (its artifact path) | torch (plain torch)
+        ("optimisation", pa.string()),       # script | freeze | optimize_for_inference
+        ("channels_last", pa.bool_()),
+        ("weights", pa.string()),            # checkpoint | random
+        ("calibration", pa.string()),        # dataset | random
+        ("size_bytes", pa.int64()),          # the TorchScript file; null if not serializable
+        ("load_ms", pa.float64()),           # torch.jit.load, fresh process; null: not measured
+        ("peak_rss_mb", pa.float64()),       # peak RSS of load + inference, fresh process
+        ("peak_rss_delta_mb", pa.float64()), # that peak above the RSS before loading
+        ("torch_version", pa.string()),
+        ("created_at", _TS),
     ]),
     "qat_epochs": pa.schema([
         ("run_id", pa.string()), ("epoch", pa.int64()), ("world_size", pa.int64()),

@@ -42,7 +42,7 @@ from pydantic import BaseModel
 from quantlab import __version__, data, export, metrics, models, qat, registry, report
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
-from quantlab.bench import Latency, compare, cpu_info, measure
+from quantlab.bench import Latency, compare, measure, table_row
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.distributed import launch
@@ -189,10 +189,9 @@ def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
 def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
               float_layers: list[str] | tuple = ()) -> tuple[torch.nn.Module, EvalResult]:
     """A PTQ variant's int8 model (with `float_layers` kept in float) and its val accuracy."""
-    backend = get_backend()
-    observed = backend.prepare_ptq(load_float(cfg, len(staged.classes)), variant, float_layers)
-    calibrate(observed, calibration_loader(cfg, staged, variant.num_calibration_batches))
-    int8 = backend.convert(observed, variant.engine)
+    int8 = quantize_ptq(load_float(cfg, len(staged.classes)), variant,
+                        calibration_loader(cfg, staged, variant.num_calibration_batches),
+                        float_layers)
     return int8, evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
 
 
@@ -251,6 +250,19 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
     int8, result = built.get(len(float_layers)) or _quantize(cfg, staged, variant, float_layers)
     stored = _store_variant(cfg, run, cfg.fallback_name, "ptq", variant.engine, int8, result)
     return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
+
+
+def quantize_ptq(model: torch.nn.Module, variant: VariantConfig, loader,
+                 float_layers: list[str] | tuple = ()) -> torch.nn.Module:
+    """A float model (consumed: it is fused in place) -> calibrated, converted int8 model.
+
+    `loader` yields (images, labels) batches (`quantlab bench` passes random ones);
+    `float_layers` stay in float.
+    """
+    backend = get_backend()
+    observed = backend.prepare_ptq(model, variant, float_layers)
+    calibrate(observed, loader)
+    return backend.convert(observed, variant.engine)
 
 
 def calibration_loader(cfg: RunConfig, staged: StagedData, num_batches: int):
@@ -326,9 +338,10 @@ def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: in
 def _store_variant(cfg: RunConfig, run: RunInfo, variant: str, method: str, engine: str | None,
                    model: torch.nn.Module, result: EvalResult) -> VariantResult:
     """Script a model, store the artifact and its `evaluations` row."""
-    payload = export.to_bytes(export.script(model))
+    payload = export.artifact_bytes(model, engine)
     entry = ArtifactEntry(variant=variant, method=method, path=registry.artifact_path(variant),
-                          sha256=export.sha256(payload), bytes=len(payload), engine=engine)
+                          sha256=export.sha256(payload), bytes=len(payload), engine=engine,
+                          optimisation=export.ARTIFACT_OPTIMISATION)
     store = store_of(cfg)
     store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", payload)
     metrics.write_rows(store, "evaluations", [{
@@ -352,13 +365,14 @@ def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> l
     modules = {a.variant: load_artifact(cfg, run.run_id, a) for a in artifacts}
     b = cfg.bench
     rows = measure(modules, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
-                   b.warmup, b.iterations)
-    engines = {a.variant: a.engine or "" for a in artifacts}
-    cpu = cpu_info()
-    metrics.write_rows(store_of(cfg), "benchmarks", [{
-        **r.model_dump(), "run_id": run.run_id, "model": cfg.model.name,
-        "engine": engines[r.variant], "input_size": cfg.data.transforms.input_size,
-        "cpu": cpu} for r in rows], run.run_id, "pipeline", run.created_at)
+                   b.warmup, b.iterations, engines={a.variant: a.engine for a in artifacts})
+    entries = {a.variant: a for a in artifacts}
+    metrics.write_rows(store_of(cfg), "benchmarks", [table_row(
+        r, run_id=run.run_id, model=cfg.model.name, engine=entries[r.variant].engine or "",
+        input_size=cfg.data.transforms.input_size, source="quantlab",
+        optimisation=entries[r.variant].optimisation, channels_last=False, weights="checkpoint",
+        calibration="dataset", size_bytes=entries[r.variant].bytes)
+        for r in rows], run.run_id, "pipeline", run.created_at)
     return rows
 
 

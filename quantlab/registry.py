@@ -56,6 +56,7 @@ class ArtifactEntry(_Strict):
     bytes: int = Field(ge=0)
     format: Literal["torchscript"] = "torchscript"
     engine: str | None = None               # quantized engine the weights were packed for
+    optimisation: str = "script"            # export.OPTIMISATIONS: script | freeze
 
     @field_validator("path")
     @classmethod

@@ -114,6 +114,16 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
     return table
 
 
+def dict_table(rows: Sequence[dict[str, str]], title: str = "", num_left: int = 1) -> Table:
+    """Formatted rows as a terminal table; the first `num_left` columns are left-aligned."""
+    table = Table(title=title or None)
+    for i, col in enumerate(rows[0] if rows else ()):
+        table.add_column(col, justify="left" if i < num_left else "right", no_wrap=i < num_left)
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    return table
+
+
 def epochs_table(qat_epochs: Sequence[dict], title: str = "") -> Table:
     """A run's `qat_epochs` rows as a terminal table (what `quantlab qat` prints)."""
     table = Table(title=title or None)

@@ -333,3 +333,13 @@ def test_undecodable_image_is_named_before_the_run_starts(prefect, inputs, tiny_
                           store.root], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"})
     assert "1 undecodable image(s) left out: val/circle/003.png" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--engines", "x86,avx"], "engines: unknown engine 'avx'; valid: x86, fbgemm"),
+    (["--threads", "1,two"], "--threads '1,two' must be a comma-separated list of ints"),
+    (["--model", "vgg16"], "unknown model 'vgg16'; valid: mobilenet_v2"),
+])
+def test_bench_refuses_bad_settings(args, needle, tmp_path, quantlab_cli):
+    check_refused(quantlab_cli("bench", *args, "--store", str(tmp_path / "store")), needle)
+    assert not (tmp_path / "store").exists()

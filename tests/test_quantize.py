@@ -39,9 +39,12 @@ def test_ptq_variants_convert_evaluate_and_store(run_ctx):
         r = pipeline.ptq_variant(cfg, staged, run, variant)
         assert r.method == "ptq" and 0 <= r.eval.top1 <= 100 and r.eval.num_images == 24
         assert r.artifact.bytes < 0.5 * f.artifact.bytes  # int8 weights: about 4x smaller
+        assert r.artifact.optimisation == export.ARTIFACT_OPTIMISATION == "freeze"
         module = pipeline.load_artifact(cfg, run.run_id, r.artifact)
-        names = {m.original_name for m in module.modules()}
-        assert {"Quantize", "DeQuantize", "QFunctional", "LinearPackedParams"} <= names
+        ops = {n.kind() for n in module.graph.nodes()}  # frozen: one graph, submodules inlined
+        assert {"aten::quantize_per_tensor", "aten::dequantize", "quantized::conv2d_relu",
+                "quantized::add", "quantized::linear"} <= ops
+        assert not any(k.startswith("aten::conv") or k == "aten::linear" for k in ops)
     rows = metrics.read_rows(Store(cfg.store), "evaluations", run.run_id)
     assert sorted(r["variant"] for r in rows) == ["float", "ptq-minmax", "ptq-x86"]
     assert {r["method"] for r in rows} == {"float", "ptq"}

@@ -1,0 +1,376 @@
+"""`quantlab bench`: float and int8 built the pipeline's way and plain torch's way, timed side by side.
+
+    spec = BenchSpec(model="mobilenet_v2", input_size=224)      # validated up front
+    result = run(spec, store="./quantlab-store")                 # times, profiles, stores rows
+    print(summary_lines(result.rows))
+
+What is timed, every model as TorchScript saved to bytes and loaded back, as a deployment would:
+- `float` and one row per PTQ variant (`ptq-minmax`, `ptq-x86`, ...): built by the pipeline's own
+  functions (models.fuse, pipeline.quantize_ptq, export.artifact_bytes), so they are exactly
+  the artifacts a run stores;
+- `torch-float` and `torch-int8`: the same float weights turned into TorchScript with plain
+  torch (quantlab.reference, which imports nothing from quantlab), once per engine,
+  optimisation and memory layout asked for. The fastest `torch-int8` is the plain-torch
+  reference quantlab's artifact is compared with; the fastest float of all is the fair float
+  baseline.
+
+Weights are random unless a checkpoint is given, and calibration runs on random inputs: int8
+kernels cost the same whatever the values, so this changes no timing (the output says so).
+Every model's file size is recorded, and its TorchScript load time and peak RSS of inference
+are measured in a fresh torch-only process (bench.profile_artifact). Rows go to the
+`benchmarks` table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantlab import export, metrics, models, pipeline, reference
+from quantlab.backend import check_engine, engine_context
+from quantlab.bench import cpu_model_and_flags, measure, profile_artifact, table_row
+from quantlab.config import ENGINES, PTQ_PRESETS, Variants, format_validation_error
+from quantlab.errors import ConfigError
+from quantlab.store import Store
+
+FLOAT_VARIANTS = ("float", "torch-float")
+PLAIN_INT8 = "torch-int8"
+CALIBRATION_BATCH = 8  # images per random calibration batch
+
+
+class BenchSpec(BaseModel):
+    """What `quantlab bench` builds and how it times it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("mobilenet_v2", description="architecture name (models.ARCHITECTURES)")
+    input_size: int = Field(224, ge=8, description="side of the square input, pixels")
+    num_classes: int = Field(1000, ge=2)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. width_mult")
+    checkpoint: str | None = Field(None, description="float state_dict URI; None: random weights")
+    threads: tuple[int, ...] = Field((1, 2), min_length=1, description="intra-op thread counts")
+    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1)
+    variants: Variants = tuple(PTQ_PRESETS.values())
+    engines: tuple[str, ...] = Field(("x86", "onednn"), min_length=1,
+                                     description="engines of the plain-torch int8 candidates, "
+                                     "and under which quantlab's int8 artifacts are also loaded")
+    optimisations: tuple[str, ...] = Field(("freeze", "optimize_for_inference"), min_length=1,
+                                           description="of the plain-torch candidates")
+    channels_last: bool = Field(False, description="also time channels-last plain candidates")
+    warmup: int = Field(10, ge=0, description="untimed calls per model and setting")
+    iterations: int = Field(100, ge=10, description="timed calls per model and setting")
+    calibration_batches: int = Field(4, ge=1, description=f"random batches of {CALIBRATION_BATCH}")
+    profile: bool = Field(True, description="measure load time and peak RSS in subprocesses")
+    seed: int = 0
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in models.ARCHITECTURES:
+            raise ValueError(f"unknown model {v!r}; valid: {', '.join(models.ARCHITECTURES)}")
+        return v
+
+    @field_validator("threads", "batch_sizes")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n < 1 for n in v):
+            raise ValueError(f"must all be >= 1, got {list(v)}")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("engines")
+    @classmethod
+    def _engines(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [e for e in v if e not in ENGINES]
+        if bad:
+            raise ValueError(f"unknown engine {bad[0]!r}; valid: {', '.join(ENGINES)}")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("optimisations")
+    @classmethod
+    def _optimisations(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [o for o in v if o not in export.OPTIMISATIONS]
+        if bad:
+            raise ValueError(f"unknown optimisation {bad[0]!r}; valid: "
+                             f"{', '.join(export.OPTIMISATIONS)}")
+        return tuple(dict.fromkeys(v))
+
+
+def parse_spec(data: dict[str, Any]) -> BenchSpec:
+    """Validate a mapping into a BenchSpec; errors become one ConfigError naming the values."""
+    try:
+        spec = BenchSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e).replace("invalid config", "invalid bench "
+                                                             "settings")) from None
+    for engine in {*spec.engines, *(v.engine for v in spec.variants)}:
+        check_engine(engine)
+    return spec
+
+
+class Candidate(BaseModel):
+    """One model to time: a TorchScript payload (or, if it cannot be saved, only in memory)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    variant: str
+    source: str                       # quantlab | torch
+    engine: str | None
+    optimisation: str
+    channels_last: bool
+    module: Any                       # the loaded torch.jit.ScriptModule
+    payload: bytes | None = None      # None: does not survive save/load (timed in memory)
+
+    @property
+    def label(self) -> str:
+        return label(self.model_dump(include={"variant", "source", "engine", "optimisation",
+                                              "channels_last"}))
+
+
+def label(row: dict[str, Any]) -> str:
+    """A model's name in tables: "ptq-x86 x86", "torch-int8 onednn freeze channels-last", ..."""
+    parts = [row["variant"], row["engine"] or ""]
+    if row["source"] == "torch":
+        parts.append(row["optimisation"].replace("optimize_for_inference", "ofi"))
+    if row["channels_last"]:
+        parts.append("channels-last")
+    return " ".join(p for p in parts if p)
+
+
+class BenchResult(BaseModel):
+    run_id: str
+    rows: list[dict[str, Any]]
+    weights: str
+    notes: list[str] = []
+
+
+def float_model(spec: BenchSpec) -> torch.nn.Module:
+    """The unfused float model: the checkpoint's weights, or random ones seeded by spec.seed."""
+    if spec.checkpoint:
+        return models.load_float_model(spec.model, spec.num_classes, spec.checkpoint,
+                                       **spec.model_kwargs)
+    torch.manual_seed(spec.seed)
+    return models.build(spec.model, spec.num_classes, **spec.model_kwargs).eval()
+
+
+def calibration_batches(spec: BenchSpec) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(spec.seed)
+    return [torch.randn(CALIBRATION_BATCH, 3, spec.input_size, spec.input_size, generator=gen)
+            for _ in range(spec.calibration_batches)]
+
+
+def _roundtrip(scripted: torch.jit.ScriptModule, engine: str | None) -> tuple[Any, bytes | None]:
+    """Save and load back; a model that cannot be reloaded is kept (and timed) in memory."""
+    payload = export.to_bytes(scripted)
+    try:
+        return export.load(payload, engine), payload
+    except RuntimeError:
+        return scripted, None
+
+
+def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> list[Candidate]:
+    """quantlab's float and PTQ artifacts (the pipeline's path), then the plain-torch grid."""
+    base = float_model(spec)
+    calib = calibration_batches(spec)
+    out = []
+
+    def add(variant, source, engine, optimisation, channels_last, scripted=None, payload=None):
+        if payload is None:
+            module, payload = _roundtrip(scripted, engine)
+        else:
+            module = export.load(payload, engine)
+        out.append(Candidate(variant=variant, source=source, engine=engine,
+                             optimisation=optimisation, channels_last=channels_last,
+                             module=module, payload=payload))
+        log(f"built {out[-1].label}" + ("" if payload else " (cannot be reloaded: timed in memory)"))
+
+    # quantlab: the same calls as pipeline.export_float, pipeline.ptq_variant and _store_variant.
+    opt = export.ARTIFACT_OPTIMISATION
+    add("float", "quantlab", None, opt, False,
+        payload=export.artifact_bytes(models.fuse(copy.deepcopy(base), is_qat=False)))
+    for v in spec.variants:
+        int8 = pipeline.quantize_ptq(copy.deepcopy(base), v, [(x, None) for x in calib])
+        payload = export.artifact_bytes(int8, v.engine)
+        # The engine is chosen when an artifact is loaded (weights are repacked for it): its
+        # own, as the pipeline does, and each engine of the plain candidates.
+        for engine in dict.fromkeys([v.engine, *spec.engines]):
+            add(v.name, "quantlab", engine, opt, False, payload=payload)
+
+    # plain torch: quantlab.reference builds, plain torch.jit.script/freeze/optimize_for_inference.
+    layouts = (False, True) if spec.channels_last else (False,)
+    plain_float = reference.build_float(base)
+    for opt in spec.optimisations:
+        for cl in layouts:
+            model = copy.deepcopy(plain_float)
+            if cl:
+                model = model.to(memory_format=torch.channels_last)
+            add("torch-float", "torch", None, opt, cl, scripted=export.script(model, opt))
+    for engine in spec.engines:
+        int8 = reference.build_int8(base, calib, engine)
+        for opt in spec.optimisations:
+            with engine_context(engine):
+                scripted = export.script(copy.deepcopy(int8), opt)
+            for cl in layouts:
+                add(PLAIN_INT8, "torch", engine, opt, cl, scripted=scripted)
+    return out
+
+
+def run(spec: BenchSpec, store: str, storage_options: dict | None = None,
+        log: Callable[[str], None] = print) -> BenchResult:
+    """Build, time (every thread count x batch size, interleaved), profile, store the rows."""
+    st = Store(store, storage_options)
+    st.check_writable()
+    weights = "checkpoint" if spec.checkpoint else "random"
+    notes = [] if spec.checkpoint else ["random weights (timing only; accuracy is meaningless)"]
+    notes.append(f"calibrated on {spec.calibration_batches} random batches of {CALIBRATION_BATCH}")
+    notes.append(cpu_note())
+    for note in notes:
+        log(note)
+    candidates = build_candidates(spec, log)
+    keys = {f"{i}:{c.label}": c for i, c in enumerate(candidates)}
+    modules = {k: c.module for k, c in keys.items()}
+    engines = {k: c.engine for k, c in keys.items()}
+    cl = {k for k, c in keys.items() if c.channels_last}
+    latencies = []
+    for num_threads in spec.threads:
+        log(f"timing {len(modules)} models at {num_threads} thread(s), batch sizes "
+            f"{list(spec.batch_sizes)}: {spec.warmup} warm-up + {spec.iterations} timed calls each")
+        latencies += measure(modules, spec.input_size, spec.batch_sizes, num_threads, spec.warmup,
+                             spec.iterations, engines=engines, channels_last=cl)
+    profiles = _profiles(spec, keys, log) if spec.profile else {}
+    run_id = f"bench-{metrics.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    created = metrics.now()
+    rows = []
+    for lat in latencies:
+        c = keys[lat.variant]
+        rows.append(table_row(
+            lat.model_copy(update={"variant": c.variant}), profiles.get((lat.variant, lat.batch_size)),
+            run_id=run_id, model=spec.model, engine=c.engine or "", input_size=spec.input_size,
+            source=c.source, optimisation=c.optimisation, channels_last=c.channels_last,
+            weights=weights, calibration="random",
+            size_bytes=len(c.payload) if c.payload else None))
+    metrics.write_rows(st, "benchmarks", rows, run_id, "bench", created)
+    return BenchResult(run_id=run_id, rows=rows, weights=weights, notes=notes)
+
+
+def cpu_note() -> str:
+    """The CPU and whether it has the int8 dot-product instructions that int8 speed rests on."""
+    model, flags = cpu_model_and_flags()
+    have = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return (f"CPU {model}, int8 ISA flags [{', '.join(flags)}]: " + (
+        f"int8 kernels can use {', '.join(have)}" if have else
+        "no avx512_vnni/avx_vnni/amx_int8, so int8 kernels run on plain AVX2 (smaller int8 "
+        "speed-ups than on a VNNI or AMX machine)"))
+
+
+def _profiles(spec: BenchSpec, keys: dict[str, Candidate], log: Callable[[str], None]) -> dict:
+    """(key, batch size) -> Profile, each in a fresh process at the largest thread count."""
+    out = {}
+    num_threads = max(spec.threads)
+    with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
+        for i, (key, c) in enumerate(keys.items()):
+            if c.payload is None:
+                continue
+            path = os.path.join(tmp, f"{i}.pt")
+            with open(path, "wb") as f:
+                f.write(c.payload)
+            for bs, prof in profile_artifact(path, c.engine, spec.input_size, spec.batch_sizes,
+                                             num_threads, c.channels_last).items():
+                out[(key, bs)] = prof
+        log(f"profiled load time and peak RSS of {len(out) // len(spec.batch_sizes)} models "
+            f"({num_threads} threads, a fresh process each)")
+    return out
+
+
+class Figures(BaseModel):
+    """The headline ratios of one quantlab int8 variant at one thread count and batch size."""
+
+    variant: str
+    engine: str                     # the engine the artifact was loaded and run with
+    num_threads: int
+    batch_size: int
+    latency_ms: float
+    float_ms: float                 # quantlab's float artifact, as the pipeline stores it
+    speedup: float                  # float_ms / latency_ms
+    best_float: str                 # the fastest float model of the run (the fair baseline)
+    best_float_ms: float
+    speedup_vs_best_float: float
+    reference: str | None           # the fastest plain-torch int8 model of the run
+    reference_ms: float | None
+    vs_reference: float | None      # latency_ms / reference_ms: 1.05 = 5% slower than plain torch
+    size_ratio: float | None        # int8 file size / float file size
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[Figures]:
+    """Figures per quantlab int8 variant, thread count and batch size, from `benchmarks` rows."""
+    out = []
+    settings = sorted({(r["num_threads"], r["batch_size"]) for r in rows})
+    for threads, bs in settings:
+        here = [r for r in rows if (r["num_threads"], r["batch_size"]) == (threads, bs)]
+        floats = [r for r in here if r["variant"] in FLOAT_VARIANTS]
+        ours = next((r for r in here if r["source"] == "quantlab" and r["variant"] == "float"), None)
+        plain = [r for r in here if r["variant"] == PLAIN_INT8]
+        if ours is None:
+            continue
+        best_float = min(floats, key=lambda r: r["latency_ms"])
+        ref = min(plain, key=lambda r: r["latency_ms"]) if plain else None
+        for r in here:
+            if r["source"] != "quantlab" or r["variant"] == "float":
+                continue
+            ms = r["latency_ms"]
+            out.append(Figures(
+                variant=r["variant"], engine=r["engine"], num_threads=threads, batch_size=bs, latency_ms=ms,
+                float_ms=ours["latency_ms"], speedup=ours["latency_ms"] / ms,
+                best_float=label(best_float), best_float_ms=best_float["latency_ms"],
+                speedup_vs_best_float=best_float["latency_ms"] / ms,
+                reference=label(ref) if ref else None,
+                reference_ms=ref["latency_ms"] if ref else None,
+                vs_reference=ms / ref["latency_ms"] if ref else None,
+                size_ratio=(r["size_bytes"] / ours["size_bytes"]
+                            if r["size_bytes"] and ours["size_bytes"] else None)))
+    return out
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every timed model, as strings (the terminal table and BENCHMARKS.md share them)."""
+    floats = {(r["num_threads"], r["batch_size"]): r["latency_ms"] for r in rows
+              if r["source"] == "quantlab" and r["variant"] == "float"}
+    out = []
+    for r in sorted(rows, key=lambda r: (r["num_threads"], r["batch_size"])):
+        base = floats.get((r["num_threads"], r["batch_size"]))
+        out.append({
+            "model": label(r), "threads": str(r["num_threads"]), "batch": str(r["batch_size"]),
+            "median ms": f"{r['latency_ms']:.2f}", "p90 ms": f"{r['latency_ms_p90']:.2f}",
+            "min ms": f"{r['latency_ms_min']:.2f}",
+            "img/s": f"{r['images_per_sec']:.1f}",
+            "speed-up vs float": _num(base / r["latency_ms"] if base else None, ".2f"),
+            "size MB": _num(r["size_bytes"] / 1e6 if r["size_bytes"] else None, ".2f"),
+            "load ms": _num(r["load_ms"], ".1f"),
+            "peak RSS MB (+ over torch)": "-" if r["peak_rss_mb"] is None else
+            f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_delta_mb']:.0f})",
+        })
+    return out
+
+
+def formatted_figures(figures: Sequence[Figures]) -> list[dict[str, str]]:
+    """The headline ratios, as strings."""
+    return [{
+        "variant": f"{f.variant} ({f.engine})", "threads": str(f.num_threads),
+        "batch": str(f.batch_size),
+        "int8 ms": f"{f.latency_ms:.2f}",
+        "speed-up vs float": f"{f.speedup:.2f}x",
+        "vs fastest float": f"{f.speedup_vs_best_float:.2f}x ({f.best_float})",
+        "vs fastest plain-torch int8": "-" if f.reference is None
+        else f"{f.vs_reference:.3f} ({f.reference})",
+        "size vs float": _num(f.size_ratio * 100 if f.size_ratio else None, ".1f") + "%",
+    } for f in figures]
