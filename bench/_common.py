@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import sys
 import tempfile
 
 from quantlab import metrics
@@ -16,7 +18,9 @@ def run_quantlab_bench(args: list[str]) -> tuple[str, list[dict]]:
     Returns the command as a user would type it (without --store) and the `benchmarks` rows.
     """
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as store:
-        app(["bench", *args, "--store", store], standalone_mode=False)
+        # Its printed tables go to stderr: stdout carries the section's markdown.
+        with contextlib.redirect_stdout(sys.stderr):
+            app(["bench", *args, "--store", store], standalone_mode=False)
         rows = metrics.read_rows(Store(store), "benchmarks")
     return shlex.join(["quantlab", "bench", *args]), rows
 
