@@ -26,7 +26,8 @@ from quantlab.backend import engine_context
 
 OPTIMISATIONS = ("script", "freeze", "optimize_for_inference")
 # What the pipeline's artifacts use, chosen by measurement (BENCHMARKS.md, "Optimisations"):
-# freezing costs no latency and loads several times faster, with a smaller resident model.
+# frozen files load 2x (int8) to 13x (float) faster; on latency freezing was within the noise
+# of a busy 2-core machine, so the choice should be confirmed on a quiet one.
 ARTIFACT_OPTIMISATION = "freeze"
 
 
