@@ -229,6 +229,7 @@ def qat_config(config: str, run_id: str, nnodes: str | None = None,
 @app.command()
 def runs(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
     """List the complete runs in a store (runs without a manifest are not listed)."""
+    from rich.measure import Measurement
     from rich.table import Table
 
     from quantlab.registry import list_runs
@@ -248,7 +249,10 @@ def runs(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
         table.add_row(m.run_id, f"{m.finished_at:%Y-%m-%d %H:%M:%S}", m.model, m.status,
                       m.selected.variant + ("" if m.selected.within_budget else " (over budget)"),
                       f"{best.top1:.2f}", f"{best.speedup:.2f}x" if best.speedup else "-")
-    console.print(table)
+    # Never cut a cell (run ids are copied into `show` and `pull`): at its natural width the
+    # table is whole in a pipe, and a narrow terminal wraps its lines instead.
+    natural = Measurement.get(console, console.options.update(max_width=1000), table).maximum
+    Console(width=max(console.width, natural)).print(table)
 
 
 @app.command()
