@@ -137,6 +137,39 @@ def measure(modules: Mapping[str, torch.nn.Module], input_size: int, batch_sizes
     return rows
 
 
+def measure_files(paths: Mapping[str, str], input_size: int, batch_sizes=(1, 8),
+                  num_threads: int = 2, warmup: int = 10, iterations: int = 50,
+                  engines: Mapping[str, str | None] | None = None) -> list[Latency]:
+    """`measure` on local TorchScript files, in a fresh Python process.
+
+    A process that also runs other threads (Prefect's API client, log shipping, an ephemeral
+    API server) makes each short forward call wait for the GIL: measured in a flow's task,
+    batch-1 latencies of the demo's 32-pixel models came out 4x (float) and 9x (int8) slower
+    than in a quiet process, and speed-ups halved. The pipeline's figures come from here.
+    """
+    spec = {"paths": dict(paths), "input_size": input_size, "batch_sizes": list(batch_sizes),
+            "num_threads": num_threads, "warmup": warmup, "iterations": iterations,
+            "engines": dict(engines or {})}
+    out = subprocess.run([sys.executable, "-m", "quantlab.bench"], input=json.dumps(spec),
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark process failed: {out.stderr.strip()[-2000:]}")
+    return [Latency.model_validate(r) for r in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _measure_files_main() -> None:
+    """The child of `measure_files`: a spec on stdin, Latency rows as JSON on stdout."""
+    spec = json.loads(sys.stdin.read())
+    engines = spec["engines"]
+    modules = {}
+    for name, path in spec["paths"].items():
+        with engine_context(engines[name]) if engines.get(name) else nullcontext():
+            modules[name] = torch.jit.load(path, map_location="cpu").eval()
+    rows = measure(modules, spec["input_size"], spec["batch_sizes"], spec["num_threads"],
+                   spec["warmup"], spec["iterations"], engines=engines)
+    print(json.dumps([r.model_dump() for r in rows]))
+
+
 def compare(reference: torch.nn.Module, candidate: torch.nn.Module, input_size: int,
             max_ratio: float, attempts: int = 3, num_threads: int = 2, warmup: int = 10,
             iterations: int = 50) -> tuple[Latency, Latency, int]:
@@ -242,3 +275,7 @@ def table_row(latency: Latency, profile: Profile | None = None, **columns) -> di
             "cpu": cpu_info(), "cpu_avx2": "avx2" in flags,
             "cpu_avx512_vnni": "avx512_vnni" in flags, "cpu_amx": "amx_int8" in flags,
             "torch_version": torch.__version__, **columns}
+
+
+if __name__ == "__main__":
+    _measure_files_main()

@@ -42,7 +42,7 @@ from pydantic import BaseModel
 from quantlab import __version__, data, export, metrics, models, qat, registry, report
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
-from quantlab.bench import Latency, compare, measure, table_row
+from quantlab.bench import Latency, compare, measure_files, table_row
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.distributed import launch
@@ -361,11 +361,21 @@ def load_artifact(cfg: RunConfig, run_id: str, entry: ArtifactEntry) -> torch.ji
 
 
 def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
-    """Time float and every int8 artifact the same way, interleaved; store `benchmarks` rows."""
-    modules = {a.variant: load_artifact(cfg, run.run_id, a) for a in artifacts}
+    """Time float and every int8 artifact the same way, interleaved, in a fresh process (see
+    `bench.measure_files`); store `benchmarks` rows. Artifacts are sha256-verified first."""
     b = cfg.bench
-    rows = measure(modules, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
-                   b.warmup, b.iterations, engines={a.variant: a.engine for a in artifacts})
+    store = store_of(cfg)
+    with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
+        paths = {}
+        for a in artifacts:
+            uri = store.uri(f"{registry.run_dir(run.run_id)}/{a.path}")
+            payload = store.read_bytes(f"{registry.run_dir(run.run_id)}/{a.path}")
+            registry.verify(payload, a, uri)
+            paths[a.variant] = os.path.join(tmp, f"{a.variant}.pt")
+            with open(paths[a.variant], "wb") as f:
+                f.write(payload)
+        rows = measure_files(paths, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
+                             b.warmup, b.iterations, engines={a.variant: a.engine for a in artifacts})
     entries = {a.variant: a for a in artifacts}
     metrics.write_rows(store_of(cfg), "benchmarks", [table_row(
         r, run_id=run.run_id, model=cfg.model.name, engine=entries[r.variant].engine or "",
