@@ -170,19 +170,27 @@ def _measure_files_main() -> None:
     print(json.dumps([r.model_dump() for r in rows]))
 
 
-def compare(reference: torch.nn.Module, candidate: torch.nn.Module, input_size: int,
+def compare(reference: torch.nn.Module | str, candidate: torch.nn.Module | str, input_size: int,
             max_ratio: float, attempts: int = 3, num_threads: int = 2, warmup: int = 10,
-            iterations: int = 50) -> tuple[Latency, Latency, int]:
+            iterations: int = 50,
+            engines: Mapping[str, str | None] | None = None) -> tuple[Latency, Latency, int]:
     """Batch-1 latency of `candidate` against `reference`, timed side by side (`measure`).
 
+    Both are modules (timed in this process) or local TorchScript files (timed in a fresh
+    process, `measure_files`, as the pipeline does; `engines` keyed "reference"/"candidate").
     A measurement whose ratio exceeds `max_ratio` is repeated, up to `attempts` in all: noise
     from a busy machine seldom repeats, a real slow-down does. Returns the reference's and the
     candidate's Latency from the measurement with the lowest ratio, and the attempts used.
     """
+    pair_in = {"reference": reference, "candidate": candidate}
     best: tuple[Latency, Latency] | None = None
     for attempt in range(1, attempts + 1):
-        rows = {r.variant: r for r in measure({"reference": reference, "candidate": candidate},
-                                              input_size, (1,), num_threads, warmup, iterations)}
+        if isinstance(reference, str):
+            measured = measure_files(pair_in, input_size, (1,), num_threads, warmup, iterations,
+                                     engines)
+        else:
+            measured = measure(pair_in, input_size, (1,), num_threads, warmup, iterations)
+        rows = {r.variant: r for r in measured}
         pair = (rows["reference"], rows["candidate"])
         if best is None or _ratio(pair) < _ratio(best):
             best = pair

@@ -360,20 +360,26 @@ def load_artifact(cfg: RunConfig, run_id: str, entry: ArtifactEntry) -> torch.ji
     return export.load(payload, engine=entry.engine)
 
 
+def verified_copies(cfg: RunConfig, entries: dict[str, tuple[str, ArtifactEntry]],
+                    folder: str) -> dict[str, str]:
+    """Local copies of artifacts ({name: (run_id, entry)}), each sha256-verified; their paths."""
+    store, paths = store_of(cfg), {}
+    for name, (run_id, entry) in entries.items():
+        key = f"{registry.run_dir(run_id)}/{entry.path}"
+        payload = store.read_bytes(key)
+        registry.verify(payload, entry, store.uri(key))
+        paths[name] = os.path.join(folder, f"{name}.pt")
+        with open(paths[name], "wb") as f:
+            f.write(payload)
+    return paths
+
+
 def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
     """Time float and every int8 artifact the same way, interleaved, in a fresh process (see
     `bench.measure_files`); store `benchmarks` rows. Artifacts are sha256-verified first."""
     b = cfg.bench
-    store = store_of(cfg)
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
-        paths = {}
-        for a in artifacts:
-            uri = store.uri(f"{registry.run_dir(run.run_id)}/{a.path}")
-            payload = store.read_bytes(f"{registry.run_dir(run.run_id)}/{a.path}")
-            registry.verify(payload, a, uri)
-            paths[a.variant] = os.path.join(tmp, f"{a.variant}.pt")
-            with open(paths[a.variant], "wb") as f:
-                f.write(payload)
+        paths = verified_copies(cfg, {a.variant: (run.run_id, a) for a in artifacts}, tmp)
         rows = measure_files(paths, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
                              b.warmup, b.iterations, engines={a.variant: a.engine for a in artifacts})
     entries = {a.variant: a for a in artifacts}
@@ -437,15 +443,18 @@ def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
                                   "task")
     selected = report.select(comparison(results, latencies), cfg.max_accuracy_drop)
     new = next(r for r in results if r.variant == selected.variant)
-    modules = {"previous": load_artifact(cfg, previous.run_id, entry),
-               "selected": load_artifact(cfg, run.run_id, new.artifact)}
-    previous_top1 = evaluate(modules["previous"], val_loader(cfg, staged),
+    previous_top1 = evaluate(load_artifact(cfg, previous.run_id, entry), val_loader(cfg, staged),
                              cfg.data.max_eval_batches).top1
     b = cfg.bench
-    old, now, attempts = compare(modules["previous"], modules["selected"],
-                                 cfg.data.transforms.input_size,
-                                 1.0 + cfg.gate.max_latency_increase, cfg.gate.latency_attempts,
-                                 b.num_threads, b.warmup, b.iterations)
+    with tempfile.TemporaryDirectory(prefix="quantlab-gate-") as tmp:
+        paths = verified_copies(cfg, {"reference": (previous.run_id, entry),
+                                      "candidate": (run.run_id, new.artifact)}, tmp)
+        old, now, attempts = compare(paths["reference"], paths["candidate"],
+                                     cfg.data.transforms.input_size,
+                                     1.0 + cfg.gate.max_latency_increase,
+                                     cfg.gate.latency_attempts, b.num_threads, b.warmup,
+                                     b.iterations, engines={"reference": entry.engine,
+                                                            "candidate": new.artifact.engine})
     return report.judge(new.eval.top1, now.latency_ms, previous_top1, old.latency_ms,
                         previous_run_id=previous.run_id, previous_variant=entry.variant,
                         same_dataset=previous.dataset.fingerprint == staged.fingerprint,
