@@ -443,12 +443,13 @@ def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
                                   "task")
     selected = report.select(comparison(results, latencies), cfg.max_accuracy_drop)
     new = next(r for r in results if r.variant == selected.variant)
-    previous_top1 = evaluate(load_artifact(cfg, previous.run_id, entry), val_loader(cfg, staged),
-                             cfg.data.max_eval_batches).top1
     b = cfg.bench
     with tempfile.TemporaryDirectory(prefix="quantlab-gate-") as tmp:
         paths = verified_copies(cfg, {"reference": (previous.run_id, entry),
                                       "candidate": (run.run_id, new.artifact)}, tmp)
+        with open(paths["reference"], "rb") as f:  # verified above: read the store once
+            previous_top1 = evaluate(export.load(f.read(), engine=entry.engine),
+                                     val_loader(cfg, staged), cfg.data.max_eval_batches).top1
         old, now, attempts = compare(paths["reference"], paths["candidate"],
                                      cfg.data.transforms.input_size,
                                      1.0 + cfg.gate.max_latency_increase,
