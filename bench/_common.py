@@ -8,8 +8,12 @@ import sys
 import tempfile
 
 from quantlab import metrics
-from quantlab.cli import app
+from quantlab._deprecations import silence_deprecations
+from quantlab_cli.app import app
 from quantlab.store import Store
+
+
+silence_deprecations()
 
 
 def run_quantlab_bench(args: list[str]) -> tuple[str, list[dict]]:

@@ -46,7 +46,7 @@ from prefect import flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
 
-from flows.quantize import quantize  # noqa: E402
+from quantlab_flows.quantize import quantize  # noqa: E402
 from quantlab import demo as demo_lib  # noqa: E402
 from quantlab.store import Store  # noqa: E402
 

@@ -73,12 +73,11 @@ def measure(input_size: int = 112, global_batch: int = 32, num_batches: int = 6,
                     store=os.path.join(tmp, "store"), cache_dir=os.path.join(tmp, "cache"),
                     variants=[], run_id=f"scaling-{name}-{r}",
                     qat=QATConfig(epochs=epochs, freeze_bn_after=epochs, freeze_observers_after=epochs,
-                                  max_train_batches=num_batches, world_size=world_size,
+                                  max_train_batches=num_batches, nproc_per_node=world_size,
                                   threads_per_worker=num_threads, max_restarts=0))
-                num_classes = pipeline.preflight(cfg)
+                pipeline.preflight(cfg)
                 run = pipeline.start_run(cfg)
-                rows = pipeline.train_qat(cfg, pipeline.stage(cfg), run, num_classes,
-                                          on_line=lambda line: None)
+                rows = pipeline.train_qat(cfg, pipeline.stage(cfg), run, on_line=lambda line: None)
                 assert [row["world_size"] for row in rows] == [world_size] * epochs
                 rate = [row["images_per_sec"] for row in rows if row["epoch"] > 1]
                 per_epoch[name] += rate

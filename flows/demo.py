@@ -9,20 +9,27 @@ import sys
 
 from prefect import flow
 
-from flows.quantize import quantize
 from quantlab import demo as demo_lib
-from tasks.demo import seed_demo_data, train_baseline
+from quantlab.pipeline import Outcome
+from quantlab_flows.quantize import quantize
+from quantlab_tasks import setup_logging
+from quantlab_tasks.demo import seed_demo_data, train_baseline
+from quantlab_tasks.steps import publish
 
 
 @flow(name="quantlab-demo")
-def demo(store: str = "./quantlab-store", qat_epochs: int = 3, world_size: int = 2,
-         cache_dir: str = "~/.cache/quantlab") -> dict:
+def demo(store: str = "./quantlab-store", qat_epochs: int = 3, nproc_per_node: int = 2,
+         cache_dir: str = "~/.cache/quantlab") -> Outcome:
     """The embedded default: the tutorial's recipe on real handwritten digits."""
+    setup_logging()
     data_uri = seed_demo_data(store)
     checkpoint = train_baseline(store, data_uri, cache_dir)
     config = demo_lib.demo_config(store, data_uri, checkpoint, qat_epochs=qat_epochs,
-                                  world_size=world_size).model_copy(update={"cache_dir": cache_dir})
-    return quantize(config)
+                                  nproc_per_node=nproc_per_node).model_copy(
+                                      update={"cache_dir": cache_dir})
+    outcome = quantize(config)
+    publish(outcome)  # the table and report on the demo run's own page too, not only the subflow's
+    return outcome
 
 
 if __name__ == "__main__":

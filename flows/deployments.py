@@ -1,6 +1,6 @@
 """Register or serve the deployments of deploy/prefect.yaml (what `quantlab deploy|serve` run).
 
-    quantlab deploy    # work pool + QAT concurrency limit if missing, then `prefect deploy --all`
+    quantlab deploy    # work pool + compute concurrency limit if missing, then `prefect deploy --all`
     quantlab serve     # the same deployments, executed by this process (no work pool, no worker)
 
 Both talk to the Prefect API of PREFECT_API_URL (`prefect server start` serves one on
@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL
 from rich.console import Console
 
 from quantlab.errors import ConfigError, QuantlabError
-from tasks.stages import QAT_CONCURRENCY_TAG
+from quantlab_tasks.steps import COMPUTE_CONCURRENCY_TAG
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = PROJECT_ROOT / "deploy" / "prefect.yaml"
@@ -89,33 +89,35 @@ def ensure_work_pools(specs: list[dict[str, Any]]) -> None:
                 console.print(f"created work pool {name!r} (type {POOL_TYPE})")
 
 
-def ensure_qat_concurrency_limit(slots: int) -> None:
-    """Create the tag concurrency limit that bounds concurrent QAT training, if missing.
+def ensure_compute_concurrency_limit(slots: int) -> None:
+    """Create the tag concurrency limit that bounds the heavy compute stages, if missing.
 
-    Task runs tagged `quantlab-qat` take a slot of `tag:quantlab-qat` while they train; with
-    no such limit (a local run against the ephemeral API) they are not limited at all.
+    Task runs tagged `quantlab-compute` (QAT training, the benchmark, the gate's timing) take a
+    slot of `tag:quantlab-compute` while they run; with no such limit (a local run against the
+    ephemeral API) they are not limited at all.
     """
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    name = f"tag:{QAT_CONCURRENCY_TAG}"
+    name = f"tag:{COMPUTE_CONCURRENCY_TAG}"
     with get_client(sync_client=True) as client:
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-            console.print(f"created concurrency limit {name!r}: {slots} QAT run(s) at a time")
+            console.print(f"created concurrency limit {name!r}: {slots} heavy compute stage(s) "
+                          "(QAT, timing) at a time")
         except ObjectAlreadyExists:
             limit = client.read_global_concurrency_limit_by_name(name).limit
-            console.print(f"concurrency limit {name!r} exists: {limit} QAT run(s) at a time "
+            console.print(f"concurrency limit {name!r} exists: {limit} compute stage(s) at a time "
                           f"(change it with `prefect gcl update {name} --limit N`)")
 
 
-def deploy(prefect_file: str | None = None, qat_slots: int = 1) -> None:
-    """Work pools and the QAT limit if missing, then `prefect deploy --all` from the project root."""
+def deploy(prefect_file: str | None = None, compute_slots: int = 1) -> None:
+    """Work pools and the compute concurrency limit if missing, then `prefect deploy --all` from the project root."""
     path = prefect_file_path(prefect_file)
     specs = load_deployment_specs(path)
     url = check_api()
     console.print(f"deploying {len(specs)} deployments from {path} to {url}")
     ensure_work_pools(specs)
-    ensure_qat_concurrency_limit(qat_slots)
+    ensure_compute_concurrency_limit(compute_slots)
     code = subprocess.call([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
                             "--prefect-file", str(path)], cwd=PROJECT_ROOT)
     if code != 0:
@@ -140,7 +142,7 @@ def runner_deployments(specs: list[dict[str, Any]]):
     return out
 
 
-def serve(prefect_file: str | None = None, qat_slots: int = 1) -> None:
+def serve(prefect_file: str | None = None, compute_slots: int = 1) -> None:
     """Serve the file's deployments from this process until interrupted (Ctrl-C)."""
     from prefect import serve as prefect_serve
 
@@ -150,7 +152,7 @@ def serve(prefect_file: str | None = None, qat_slots: int = 1) -> None:
     os.chdir(PROJECT_ROOT)  # entrypoints and relative store paths resolve as under a worker
     deployments = runner_deployments(specs)
     refuse_work_pool_deployments(deployments)
-    ensure_qat_concurrency_limit(qat_slots)
+    ensure_compute_concurrency_limit(compute_slots)
     prefect_serve(*deployments)
 
 

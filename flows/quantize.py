@@ -21,11 +21,13 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from quantlab import pipeline
 from quantlab.config import RunConfig
 from quantlab.errors import RegressionError
-from tasks import stages
-from tasks.progress import Progress
-from tasks.runners import fan_out
+from quantlab.pipeline import Outcome
+from quantlab_tasks import setup_logging, steps
+from quantlab_tasks.progress import Progress
+from quantlab_tasks.runners import fan_out
 
 
 def with_flow_run_id(config: RunConfig) -> RunConfig:
@@ -37,55 +39,58 @@ def with_flow_run_id(config: RunConfig) -> RunConfig:
 
 
 @flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def quantize(config: RunConfig) -> dict:
-    """Quantize a float classifier with PTQ and QAT, benchmark, and store everything."""
+def quantize(config: RunConfig, validated: bool = False) -> Outcome:
+    """Quantize a float classifier with PTQ and QAT, benchmark, and store everything.
+
+    `validated`: the caller has already run the preflight checks (`quantlab run` does, before
+    Prefect starts); a scheduled or triggered run leaves it False.
+    """
+    setup_logging()
     config = with_flow_run_id(config)
     progress = Progress(run_label=config.model.name)
-    num_classes = stages.preflight(config)
+    if not validated:
+        steps.preflight(config)
     progress.done("validate")
-    staged = stages.stage_data(config)  # decodes every image: bad data fails before any write
+    staged = steps.stage_data(config)  # decodes every image: bad data fails before any write
     progress.done("stage")
-    run = stages.start_run(config)
-    float_eval = stages.evaluate_float(config, staged)
-    results = [stages.export_float(config, staged, run, float_eval)]
+    run = steps.start_run(config)
+    float_eval = steps.evaluate_float(config, staged)
+    results = [steps.export_float(config, staged, run, float_eval)]
     progress.done("float")
 
     with fan_out(config.dask_address) as submit:
-        ptq = [submit(stages.ptq_variant, config=config, staged=staged, run=run, variant=v)
+        ptq = [submit(steps.ptq_variant, config=config, staged=staged, run=run, variant=v)
                for v in config.variants]
-        results += [f.result(timeout=stages.TIMEOUTS["ptq"]) for f in ptq]
+        results += [f.result(timeout=steps.TIMEOUTS["ptq"]) for f in ptq]
     progress.done("ptq")
     ranking = None
     if config.sensitivity_variant:
-        ranking = stages.sensitivity(config, staged, run)
+        ranking = steps.sensitivity(config, staged, run)
         if config.fallback_name:
             base = next(r for r in results if r.variant == ranking.variant)
-            results.append(stages.ptq_fallback(config, staged, run, base, float_eval, ranking))
+            results.append(steps.ptq_fallback(config, staged, run, base, float_eval, ranking))
     progress.done("fallback")
 
     epochs: list[dict] = []
     if config.qat.enabled:
-        epochs = stages.train_qat(config, staged, run, num_classes, progress)
+        epochs = steps.train_qat(config, staged, run, progress)
         progress.done("qat")
-        results.append(stages.export_qat(config, staged, run, num_classes))
+        results.append(steps.export_qat(config, staged, run))
     progress.done("qat-export")
 
-    latencies = stages.benchmark(config, run, [r.artifact for r in results])
+    latencies = steps.benchmark(config, run, [r.artifact for r in results])
     progress.done("benchmark")
+    rows, selected = pipeline.select(config, results, latencies)
     gate = None
     if config.gate.enabled:
-        gate = stages.regression_gate(config, run, staged, results, latencies)
+        gate = steps.regression_gate(config, run, staged, results, selected)
     progress.done("gate")
-    manifest = stages.finalize(config, run, staged, results, latencies, epochs, ranking, gate)
+    outcome = steps.finalize(config, run, staged, results, rows, selected, epochs, ranking, gate)
     progress.done("report")
     if gate is not None and not gate.passed:
         raise RegressionError(f"run {run.run_id} rejected, best-{config.model.name} not moved: "
                               f"{gate.reason}")
-    return {"run_id": run.run_id, "store": config.store, "selected": manifest.selected.variant,
-            "reason": manifest.selected.reason,
-            "most_sensitive": [x.model_dump() for x in ranking.layers[:5]] if ranking else [],
-            "gate": gate.reason if gate else None,
-            "results": [r.model_dump() for r in manifest.results]}
+    return outcome
 
 
 if __name__ == "__main__":

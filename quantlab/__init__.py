@@ -1,11 +1,9 @@
 """quantlab: float PyTorch image classifiers to fast int8 models, with the evidence.
 
 The library half of quantlab. It knows nothing about orchestration: the same functions run
-from a notebook, a torchrun worker or a Prefect task (tasks/ and flows/ wrap them).
+from a notebook, a torchrun worker or a Prefect task (tasks/ and flows/ wrap them). Importing
+it changes nothing global: entry points (the CLI, the flows, the QAT worker) call
+`quantlab._deprecations.silence_deprecations()` themselves.
 """
 
-from quantlab._deprecations import silence_deprecations
-
 __version__ = "0.1.0"
-
-silence_deprecations()

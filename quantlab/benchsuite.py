@@ -6,7 +6,7 @@
 
 What is timed, every model as TorchScript saved to bytes and loaded back, as a deployment would:
 - `float` and one row per PTQ variant (`ptq-minmax`, `ptq-x86`, ...): built by the pipeline's own
-  functions (models.fuse, pipeline.quantize_ptq, export.artifact_bytes), so they are exactly
+  functions (models.fuse, ptq.quantize_ptq, export.artifact_bytes), so they are exactly
   the artifacts a run stores;
 - `torch-float` and `torch-int8`: the same float weights turned into TorchScript with plain
   torch (quantlab.reference, which imports nothing from quantlab), once per engine,
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantlab import export, metrics, models, pipeline, reference
+from quantlab import export, metrics, models, ptq, reference
 from quantlab.backend import check_engine, engine_context
 from quantlab.bench import cpu_model_and_flags, measure, profile_artifact, table_row
 from quantlab.config import ENGINES, PTQ_PRESETS, Variants, format_validation_error
@@ -195,7 +195,7 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
     add("float", "quantlab", None, opt, False,
         payload=export.artifact_bytes(models.fuse(copy.deepcopy(base), is_qat=False)))
     for v in spec.variants:
-        int8 = pipeline.quantize_ptq(copy.deepcopy(base), v, [(x, None) for x in calib])
+        int8 = ptq.quantize_ptq(copy.deepcopy(base), v, [(x, None) for x in calib])
         payload = export.artifact_bytes(int8, v.engine)
         # The engine is chosen when an artifact is loaded (weights are repacked for it): its
         # own, as the pipeline does, and each engine of the plain candidates.

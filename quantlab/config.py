@@ -14,8 +14,8 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 from quantlab.errors import ConfigError
 from quantlab.models import ARCHITECTURES
@@ -27,6 +27,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DASK_PROTOCOLS = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
 DASK_ADDRESS = re.compile(rf"((?:{'|'.join(DASK_PROTOCOLS)})://)?[^\s/:]+(:\d+)?(/[^\s]*)?")
+# Run ids, aliases, model names: what may name a file or a folder in the store.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Variant names are stricter: lower case, short (they become table rows and file paths).
 VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Secrets never travel in a config (it is stored in manifests and in Prefect's database).
 SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id",
@@ -51,7 +54,7 @@ def _check_choice(field: str, value: str, valid: tuple[str, ...]) -> str:
 
 
 def _check_id(field: str, v: str | None) -> str | None:
-    if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+    if v is not None and not re.fullmatch(NAME_PATTERN, v):
         raise ValueError(f"{field} {v!r} must be letters, digits, '.', '_' or '-'")
     return v
 
@@ -61,6 +64,26 @@ def _check_variant_name(v: str) -> str:
         raise ValueError(f"variant name {v!r} must match {VARIANT_NAME.pattern} "
                          "(lower case, digits, '.', '_', '-')")
     return v
+
+
+def _choice(field: str, valid: tuple[str, ...]):
+    """A str setting that must be one of `valid` (one validator, wherever the setting appears)."""
+    return AfterValidator(lambda v: _check_choice(field, v, valid))
+
+
+Engine = Annotated[str, _choice("engine", ENGINES)]
+VariantName = Annotated[str, AfterValidator(_check_variant_name)]
+ActivationObserver = Annotated[str, _choice("activation_observer", ACTIVATION_OBSERVERS)]
+WeightObserver = Annotated[str, _choice("weight_observer", WEIGHT_OBSERVERS)]
+Architecture = Annotated[str, _choice("model", ARCHITECTURES)]
+BatchSizes = Annotated[tuple[int, ...], Field(min_length=1),
+                       AfterValidator(lambda v: _positive("batch_sizes", v))]
+
+
+def _positive(field: str, values: tuple[int, ...]) -> tuple[int, ...]:
+    if any(b < 1 for b in values):
+        raise ValueError(f"{field} must all be >= 1, got {list(values)}")
+    return values
 
 
 class _Model(BaseModel):
@@ -99,48 +122,22 @@ class DataConfig(_Model):
 class ModelConfig(_Model):
     """A torchvision quantizable architecture and its float checkpoint (a state_dict)."""
 
-    name: str = Field("mobilenet_v2", description=f"one of {', '.join(ARCHITECTURES)}")
+    name: Architecture = Field("mobilenet_v2", description=f"one of {', '.join(ARCHITECTURES)}")
     checkpoint: str = Field(min_length=1, description="URI of a torchvision-format state_dict (.pth)")
     kwargs: dict[str, Any] = Field(default_factory=dict,
                                    description="extra constructor arguments, e.g. width_mult")
-
-    @field_validator("name")
-    @classmethod
-    def _known_architecture(cls, v: str) -> str:
-        if v not in ARCHITECTURES:
-            raise ValueError(f"unknown model {v!r}; valid: {', '.join(ARCHITECTURES)}")
-        return v
 
 
 class VariantConfig(_Model):
     """A named PTQ preset: engine, observers and calibration size."""
 
-    name: str
-    engine: str = "x86"
-    activation_observer: str = "histogram"
-    weight_observer: str = "per_channel_minmax"
+    name: VariantName
+    engine: Engine = "x86"
+    activation_observer: ActivationObserver = "histogram"
+    weight_observer: WeightObserver = "per_channel_minmax"
     reduce_range: bool | None = Field(None, description="None: True for x86/fbgemm, else False")
     num_calibration_batches: int = Field(32, ge=1, description="the tutorial's 32")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_variant_name(v)
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str) -> str:
-        return _check_choice("engine", v, ENGINES)
-
-    @field_validator("activation_observer")
-    @classmethod
-    def _act(cls, v: str) -> str:
-        return _check_choice("activation_observer", v, ACTIVATION_OBSERVERS)
-
-    @field_validator("weight_observer")
-    @classmethod
-    def _weight(cls, v: str) -> str:
-        return _check_choice("weight_observer", v, WEIGHT_OBSERVERS)
 
 
 # The tutorial's two PTQ configs.
@@ -185,8 +182,8 @@ class QATConfig(_Model):
     """
 
     enabled: bool = True
-    name: str = "qat-x86"
-    engine: str = "x86"
+    name: VariantName = "qat-x86"
+    engine: Engine = "x86"
     epochs: int = Field(8, ge=1)
     freeze_bn_after: int = Field(4, ge=1, description="epoch (1-based) after which BN stats freeze")
     freeze_observers_after: int = Field(5, ge=1, description="epoch after which observers freeze")
@@ -195,8 +192,8 @@ class QATConfig(_Model):
     weight_decay: float = Field(1e-5, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_train_batches: int | None = Field(None, ge=1, description="per epoch per worker; None: all")
-    world_size: int = Field(2, ge=1, description="gloo workers per node (torchrun "
-                            "--nproc-per-node); the job's world size is this x the nodes")
+    nproc_per_node: int = Field(2, ge=1, description="gloo workers per node (torchrun "
+                                "--nproc-per-node); the job's world size is this x the nodes")
     threads_per_worker: int = Field(1, ge=1, description="torch/OMP threads in each worker")
     max_restarts: int = Field(3, ge=0, description="torchrun restarts of the worker group")
     # Multi-node (see docs/qat.md): every node runs `quantlab qat` with the same settings.
@@ -207,16 +204,6 @@ class QATConfig(_Model):
                                       "on loopback (one node)")
     rdzv_id: str | None = Field(None, description="rendezvous id shared by the nodes; None: the run id")
     rdzv_timeout: int = Field(600, ge=1, description="seconds to wait for the nodes to join")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_variant_name(v)
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str) -> str:
-        return _check_choice("engine", v, ENGINES)
 
     @field_validator("nnodes", mode="before")
     @classmethod
@@ -240,6 +227,16 @@ class QATConfig(_Model):
     def _rdzv_id(cls, v: str | None) -> str | None:
         return _check_id("rdzv_id", v)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _world_size_alias(cls, data: Any) -> Any:
+        """`world_size`, this setting's name before 0.2, still reads as nproc_per_node."""
+        if isinstance(data, dict) and "world_size" in data:
+            if "nproc_per_node" in data:
+                raise ValueError("give qat.nproc_per_node only (qat.world_size is its old name)")
+            data = {("nproc_per_node" if k == "world_size" else k): v for k, v in data.items()}
+        return data
+
     @property
     def max_nodes(self) -> int:
         return int(self.nnodes.split(":")[-1])
@@ -261,16 +258,9 @@ class BenchConfig(_Model):
     """How artifacts are timed: TorchScript, fixed threads, warm-up, median of many runs."""
 
     num_threads: int = Field(2, ge=1)
-    batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1)
+    batch_sizes: BatchSizes = (1, 8)
     warmup: int = Field(10, ge=0, description="untimed iterations per model")
     iterations: int = Field(50, ge=5, description="timed iterations per model and batch size")
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(b < 1 for b in v):
-            raise ValueError(f"batch_sizes must all be >= 1, got {list(v)}")
-        return v
 
 
 class SensitivityConfig(_Model):
@@ -290,6 +280,8 @@ class SensitivityConfig(_Model):
                                     "None: the variant's num_calibration_batches")
     fallback: bool = Field(True, description="build the <variant>-fallback variant")
     max_float_layers: int = Field(8, ge=1, description="most layers the fallback keeps in float")
+    patience: int = Field(2, ge=1, description="steps in a row without a top-1 gain after which "
+                          "the fallback's search stops")
 
 
 class GateConfig(_Model):

@@ -24,7 +24,7 @@ import os
 import posixpath
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -79,12 +79,32 @@ def check_layout(files: list[st.FileInfo], uri: str) -> tuple[list[str], dict[st
         if not counts[split]:
             raise DataError(f"dataset {uri} has no images under {split}/; expected "
                             f"{split}/<class>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)}")
-    if classes["train"] != classes["val"]:
-        only_train = sorted(classes["train"] - classes["val"])[:5]
-        only_val = sorted(classes["val"] - classes["train"])[:5]
+    check_same_classes(classes["train"], classes["val"], uri)
+    return sorted(classes["train"]), counts
+
+
+def check_same_classes(train: Iterable[str], val: Iterable[str], uri: str) -> None:
+    """Refuse a dataset whose train/ and val/ class folders differ, naming some of each."""
+    train, val = set(train), set(val)
+    if train != val:
+        only_train = sorted(train - val)[:5]
+        only_val = sorted(val - train)[:5]
         raise DataError(f"dataset {uri}: classes differ between train/ and val/ (only in train: "
                         f"{only_train or 'none'}; only in val: {only_val or 'none'})")
-    return sorted(classes["train"]), counts
+
+
+def check_no_empty_classes(splits: dict[str, list[str]], files: list[st.FileInfo],
+                           uri: str) -> None:
+    """Refuse class folders ({split: [class, ...]}) that hold no image (ImageFolder would stop
+    on them mid-run), naming the first."""
+    with_images = {(p[0], p[1]) for f in files if is_image(f.relpath)
+                   for p in [f.relpath.split("/")]}
+    empty = [f"{split}/{cls}" for split, classes in splits.items() for cls in classes
+             if (split, cls) not in with_images]
+    if empty:
+        more = f" (and {len(empty) - 1} more class folders without images)" if len(empty) > 1 else ""
+        raise DataError(f"dataset {uri}: {empty[0]} has no images{more}; every class folder "
+                        f"needs at least one image with an extension of {', '.join(IMAGE_EXTENSIONS)}")
 
 
 def is_image(relpath: str) -> bool:

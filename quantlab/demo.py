@@ -35,7 +35,7 @@ TRANSFORMS = TransformConfig(input_size=32, resize_size=32, mean=(0.30, 0.30, 0.
 
 
 def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dict | None = None,
-                qat_epochs: int = 3, world_size: int = 2) -> RunConfig:
+                qat_epochs: int = 3, nproc_per_node: int = 2) -> RunConfig:
     """The demo's RunConfig: the tutorial's recipe, scaled to 1,437 training images."""
     return RunConfig(
         model=ModelConfig(name=MODEL, checkpoint=checkpoint, kwargs=MODEL_KWARGS),
@@ -43,7 +43,7 @@ def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dic
         store=store, storage_options=storage_options or {},
         qat=QATConfig(epochs=qat_epochs, freeze_bn_after=max(1, qat_epochs - 1),
                       freeze_observers_after=max(1, qat_epochs - 1), lr=1e-3, momentum=0.9,
-                      weight_decay=0.0, world_size=world_size, threads_per_worker=1),
+                      weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1),
         bench=BenchConfig(num_threads=2, batch_sizes=(1, 32), warmup=20, iterations=200),
     )
 

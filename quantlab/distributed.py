@@ -62,10 +62,6 @@ def init_process_group(threads: int | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Ask Linux to signal this process when its parent exits (no orphaned workers)."""
     if _prctl is not None:
@@ -112,7 +108,6 @@ def launch(module: str, args: list[str], nproc_per_node: int, threads_per_worker
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1",
                  "OMP_NUM_THREADS": str(threads_per_worker),
                  "MKL_NUM_THREADS": str(threads_per_worker),
-                 "QUANTLAB_THREADS_PER_WORKER": str(threads_per_worker),
                  # Workers of a restarted group must not share the rendezvous' TCPStore:
                  # its keys outlive the attempt, and the new gloo group would read the dead
                  # workers' addresses (pytorch/pytorch#135712). Each attempt gets its own.

@@ -7,6 +7,7 @@ Accuracies are percentages (0-100), as the tutorial prints them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 class EvalResult(BaseModel):
     top1: float         # percent
-    top5: float         # percent
+    top5: float | None  # percent; None with 5 classes or fewer, where it is always 100
     loss: float         # mean cross-entropy
     num_images: int
 
@@ -34,7 +35,8 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 def count(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
           on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
     """[loss sum, top-1 hits, top-5 hits, images] over `loader` (or its first `max_batches`),
-    as float64: counts from several processes add up (all_reduce) before `result_from`."""
+    as float64: counts from several processes add up (all_reduce) before `result_from`.
+    Top-5 hits are NaN when the model has 5 classes or fewer (top-5 says nothing there)."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     n = c1 = c5 = 0
@@ -48,6 +50,8 @@ def count(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
         c1, c5, n = c1 + h1, c5 + h5, n + len(target)
         if on_batch:
             on_batch(i + 1)
+        if output.shape[1] <= 5:
+            c5 = float("nan")
     return torch.tensor([loss, c1, c5, n], dtype=torch.float64)
 
 
@@ -56,7 +60,8 @@ def result_from(counts: torch.Tensor) -> EvalResult:
     loss, c1, c5, n = counts.tolist()
     if n == 0:
         raise ValueError("evaluation saw no images")
-    return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss / n, num_images=int(n))
+    top5 = None if math.isnan(c5) else 100.0 * c5 / n
+    return EvalResult(top1=100.0 * c1 / n, top5=top5, loss=loss / n, num_images=int(n))
 
 
 def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from collections.abc import Callable
 
 import torch
@@ -42,11 +43,13 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     return ARCHITECTURES[name](weights=None, quantize=False, num_classes=num_classes, **kwargs)
 
 
-def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
+def read_state_dict(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], str]:
     """Load a state_dict with `weights_only=True`; never falls back to unsafe unpickling.
 
-    Accepts a bare state_dict (torchvision's format) or the torchvision references' training
-    checkpoint ({"model": state_dict, ...}).
+    Accepts the shapes people save: a bare state_dict (torchvision's format), the torchvision
+    references' training checkpoint ({"model": state_dict, ...}), {"state_dict": ...}, and the
+    keys of an nn.DataParallel/DDP model ("module." prefix). Returns the state_dict and a
+    phrase saying which of these it was.
     """
     if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):
         raise CheckpointError(f"checkpoint {source} is not a torch file (not the zip archive or "
@@ -54,24 +57,41 @@ def read_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message: a generic paragraph, then the reason (the global it refused), then
-        # a pointer to the docs. Keep the reason.
-        parts = [p.strip() for p in str(e).split("\n\n") if p.strip()]
-        reason = next((p for p in parts[1:] if not p.startswith("Check the documentation")),
-                      parts[0] if parts else "refused")
-        raise CheckpointError(
-            f"checkpoint {source} was refused by torch.load(weights_only=True): "
-            f"{' '.join(reason.split())} quantlab only loads plain tensors (a state_dict); "
-            "re-save it with torch.save(model.state_dict(), path)") from None
+        raise CheckpointError(f"checkpoint {source} {_refusal(str(e))}; quantlab loads only "
+                              "tensors: re-save it with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # not a zip/pickle at all: a text file, a truncated upload, ...
         raise CheckpointError(f"checkpoint {source} is not a torch file ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
+    layout = "a state_dict"
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj, layout = obj[key], f"the {key!r} entry of a training checkpoint"
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        found = (f"a dict with keys {', '.join(map(repr, list(obj)[:8]))}"
+                 if isinstance(obj, dict) else type(obj).__name__)
         raise CheckpointError(f"checkpoint {source} does not hold a state_dict of tensors "
-                              f"(found {type(obj).__name__})")
-    return obj
+                              f"(found {found}); expected a state_dict, {{'model': state_dict}} "
+                              "or {'state_dict': state_dict}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+        layout += " of an nn.DataParallel/DDP model ('module.' prefix stripped)"
+    return obj, layout
+
+
+def _refusal(message: str) -> str:
+    """What torch.load(weights_only=True) refused, in a few words, without its advice.
+
+    Its message is a paragraph on weights_only (with advice to turn it off, which a quantlab
+    user must not do), the global it refused, and a pointer to the docs.
+    """
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)  # torch colours parts of it
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", plain)
+    name = found.group(1) if found else None
+    if name and name.rsplit(".", 1)[-1][:1].isupper():
+        return f"is a whole pickled model (of class {name}), not a state_dict"
+    return ("was refused by torch.load(weights_only=True)"
+            + (f": it needs {name} to load, which is code, not tensors" if name else ""))
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
@@ -100,12 +120,13 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     raise CheckpointError(f"checkpoint {source} does not fit {model_name}: " + "; ".join(parts))
 
 
-def load_float_weights(model: nn.Module, data: bytes, source: str, model_name: str) -> nn.Module:
-    """Load float weights from checkpoint bytes into an unfused model (strictly)."""
-    state = read_state_dict(data, source)
+def load_float_weights(model: nn.Module, data: bytes, source: str, model_name: str) -> str:
+    """Load float weights from checkpoint bytes into an unfused model (strictly); returns
+    the checkpoint's layout (see read_state_dict)."""
+    state, layout = read_state_dict(data, source)
     check_state_dict(model, state, source, model_name)
     model.load_state_dict(state, strict=True)
-    return model
+    return layout
 
 
 def fuse(model: nn.Module, is_qat: bool) -> nn.Module:
@@ -131,9 +152,11 @@ def _bias(weight_key: str) -> str:
     return weight_key.removesuffix("weight") + "bias"
 
 
-def load_float_model(name: str, num_classes: int, checkpoint: str,
-                     storage_options: dict | None = None, **kwargs) -> nn.Module:
-    """Build an architecture and load its float checkpoint from any store URI (eval mode)."""
+def load_float_checkpoint(name: str, num_classes: int, checkpoint: str,
+                          storage_options: dict | None = None,
+                          **kwargs) -> tuple[nn.Module, str]:
+    """Build an architecture, load its float checkpoint from any store URI (eval mode);
+    returns the model and the checkpoint's layout (see read_state_dict)."""
     from quantlab.errors import NotFoundError
     from quantlab.store import read_uri
 
@@ -142,4 +165,11 @@ def load_float_model(name: str, num_classes: int, checkpoint: str,
     except (NotFoundError, IsADirectoryError):
         raise CheckpointError(f"checkpoint {checkpoint} does not exist") from None
     model = build(name, num_classes, **kwargs)
-    return load_float_weights(model, data, checkpoint, name).eval()
+    layout = load_float_weights(model, data, checkpoint, name)
+    return model.eval(), layout
+
+
+def load_float_model(name: str, num_classes: int, checkpoint: str,
+                     storage_options: dict | None = None, **kwargs) -> nn.Module:
+    """Build an architecture and load its float checkpoint from any store URI (eval mode)."""
+    return load_float_checkpoint(name, num_classes, checkpoint, storage_options, **kwargs)[0]

@@ -5,7 +5,7 @@ store, and returns a small pydantic record; tensors and modules never cross a st
 The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in order:
 
     cfg = load_config("run.yaml")
-    num_classes = preflight(cfg)                    # all cheap validation, before any work
+    preflight(cfg)                                  # all cheap validation, before any work
     staged = stage(cfg)                             # + every image decoded; nothing stored yet
     run = start_run(cfg)
     float_eval = evaluate_float(cfg, staged)
@@ -14,12 +14,16 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
     ranking = sensitivity(cfg, staged, run)            # if cfg.sensitivity_variant
     base = next(r for r in results if r.variant == ranking.variant)
     results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))  # fallback_name
-    train_qat(cfg, staged, run, num_classes)
-    results.append(export_qat(cfg, staged, run, num_classes))
+    train_qat(cfg, staged, run)
+    results.append(export_qat(cfg, staged, run))
     latencies = benchmark(cfg, run, [r.artifact for r in results])
-    gate = regression_gate(cfg, run, staged, results, latencies)
-    manifest = finalize(cfg, run, staged, results, latencies, ranking=ranking, gate=gate)
-    # manifest.status == "rejected" when the gate failed: `best` was not moved
+    rows, selected = select(cfg, results, latencies)
+    verdict = regression_gate(cfg, run, staged, results, selected)
+    outcome = finalize(cfg, run, staged, results, rows, selected, ranking=ranking, gate=verdict)
+    # outcome.manifest.status == "rejected" when the gate failed: `best` was not moved
+
+The policies live in their own modules: PTQ in quantlab.ptq, the choice in quantlab.selection,
+the regression gate in quantlab.gate.
 """
 
 from __future__ import annotations
@@ -40,16 +44,21 @@ import torch
 from pydantic import BaseModel
 
 from quantlab import __version__, data, export, metrics, models, qat, registry, report
+from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
-from quantlab.bench import Latency, compare, measure_files, table_row
+from quantlab.bench import Latency, measure_files, table_row
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.distributed import launch
 from quantlab.errors import ConfigError, DataError, NotFoundError
 from quantlab.evaluate import EvalResult, evaluate
-from quantlab.registry import ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow
-from quantlab.sensitivity import FallbackStep, SensitivityResult
+from quantlab.ptq import calibrate, calibration_loader, quantize_ptq
+from quantlab.registry import (ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow,
+                               Selection)
+from quantlab.selection import comparison, float_baseline_warnings
+from quantlab.selection import select as select_variant
+from quantlab.sensitivity import FallbackStep, LayerSensitivity, SensitivityResult
 from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store
 
 log = logging.getLogger("quantlab.pipeline")
@@ -71,9 +80,20 @@ class VariantResult(BaseModel):
     artifact: ArtifactEntry
     float_layers: list[str] = []            # layers kept in float (the fallback variant)
     fallback_steps: list[FallbackStep] = [] # the fallback's greedy search, step 0 = its base
+    checkpoint_layout: str | None = None    # float: what the checkpoint held (models.read_state_dict)
+
+
+class Outcome(BaseModel):
+    """What a finished run tells its caller: the manifest, and the report as the UI shows it."""
+
+    manifest: Manifest
+    store: str
+    most_sensitive: list[LayerSensitivity] = []   # the five most sensitive layers, if analysed
+    ui_report: str = ""                          # the markdown report with the plot inlined
 
 
 def store_of(cfg: RunConfig) -> Store:
+    """The run's store (each step builds it once and passes it on)."""
     return Store(cfg.store, cfg.storage_options)
 
 
@@ -99,14 +119,11 @@ def preflight(cfg: RunConfig) -> int:
         if not classes:
             raise DataError(f"dataset {dataset.root} has no {split}/ folder with class folders; "
                             f"expected {split}/<class>/<image>")
-    if splits["train"] != splits["val"]:
-        only_train = sorted(set(splits["train"]) - set(splits["val"]))[:5]
-        only_val = sorted(set(splits["val"]) - set(splits["train"]))[:5]
-        raise DataError(f"dataset {dataset.root}: classes differ between train/ and val/ "
-                        f"(only in train: {only_train or 'none'}; only in val: {only_val or 'none'})")
+    data.check_same_classes(splits["train"], splits["val"], dataset.root)
+    data.check_no_empty_classes(splits, data.list_dataset(cfg.data.uri, cfg.storage_options),
+                                dataset.root)
     num_classes = len(splits["train"])
-    models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
-                            cfg.storage_options, **cfg.model.kwargs)
+    load_float(cfg, num_classes)
     return num_classes
 
 
@@ -157,6 +174,7 @@ def ensure_staged(cfg: RunConfig, staged: StagedData) -> StagedData:
 
 
 def load_float(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
+    """The float model with the run's checkpoint loaded (validated against the architecture)."""
     return models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
                                    cfg.storage_options, **cfg.model.kwargs)
 
@@ -174,8 +192,14 @@ def evaluate_float(cfg: RunConfig, staged: StagedData) -> EvalResult:
 def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
                  float_eval: EvalResult) -> VariantResult:
     """Script the fused float model (the benchmark's reference) and store it."""
-    model = models.fuse(load_float(cfg, len(staged.classes)), is_qat=False)
-    return _store_variant(cfg, run, "float", "float", None, model, float_eval)
+    model, layout = models.load_float_checkpoint(cfg.model.name, len(staged.classes),
+                                                 cfg.model.checkpoint, cfg.storage_options,
+                                                 **cfg.model.kwargs)
+    if layout != "a state_dict":
+        log.info("checkpoint %s: loaded %s", cfg.model.checkpoint, layout)
+    result = _store_variant(cfg, store_of(cfg), run, "float", "float", None,
+                            models.fuse(model, is_qat=False), float_eval)
+    return result.model_copy(update={"checkpoint_layout": layout})
 
 
 # -- PTQ -----------------------------------------------------------------------------------
@@ -183,7 +207,8 @@ def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
     """Fuse, insert observers, calibrate, convert to int8, evaluate, script, store."""
     int8, result = _quantize(cfg, staged, variant)
-    return _store_variant(cfg, run, variant.name, "ptq", variant.engine, int8, result)
+    return _store_variant(cfg, store_of(cfg), run, variant.name, "ptq", variant.engine, int8,
+                          result)
 
 
 def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
@@ -230,8 +255,10 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
 
     Layers are added in rank order, one per step (prepare with them in float, calibrate,
     convert, evaluate on val/ as every variant is), until val top-1 is within
-    `max_accuracy_drop` of float, or `sensitivity.max_float_layers` is reached. The last step's
-    model is stored; when the base variant already meets the budget it keeps no layer in float.
+    `max_accuracy_drop` of float, `sensitivity.max_float_layers` is reached, or
+    `sensitivity.patience` steps in a row gained nothing. The chosen step's model is stored
+    (sensitivity.chosen_step): the first within budget, else the fewest float layers that
+    reached the best top-1; when the base variant meets the budget it keeps no layer in float.
     """
     variant = cfg.variant(ranking.variant)
     built: dict[int, tuple[torch.nn.Module, EvalResult]] = {}
@@ -245,45 +272,16 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
 
     steps = sens.greedy_fallback([x.layer for x in ranking.layers], top1_with, base.eval.top1,
                                  float_eval.top1 - cfg.max_accuracy_drop,
-                                 cfg.sensitivity.max_float_layers)
-    float_layers = [x.layer for x in ranking.layers[:steps[-1].num_float_layers]]
+                                 cfg.sensitivity.max_float_layers, cfg.sensitivity.patience)
+    float_layers = [x.layer for x in ranking.layers[:sens.chosen_step(steps).num_float_layers]]
     int8, result = built.get(len(float_layers)) or _quantize(cfg, staged, variant, float_layers)
-    stored = _store_variant(cfg, run, cfg.fallback_name, "ptq", variant.engine, int8, result)
+    stored = _store_variant(cfg, store_of(cfg), run, cfg.fallback_name, "ptq", variant.engine,
+                            int8, result)
     return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
 
 
-def quantize_ptq(model: torch.nn.Module, variant: VariantConfig, loader,
-                 float_layers: list[str] | tuple = ()) -> torch.nn.Module:
-    """A float model (consumed: it is fused in place) -> calibrated, converted int8 model.
-
-    `loader` yields (images, labels) batches (`quantlab bench` passes random ones);
-    `float_layers` stay in float.
-    """
-    backend = get_backend()
-    observed = backend.prepare_ptq(model, variant, float_layers)
-    calibrate(observed, loader)
-    return backend.convert(observed, variant.engine)
-
-
-def calibration_loader(cfg: RunConfig, staged: StagedData, num_batches: int):
-    """A fixed, seeded subset of train/ with eval transforms: num_batches x batch_size images."""
-    return data.loader(staged, cfg.data, "train", train=False, batch_size=cfg.data.batch_size,
-                       max_images=num_batches * cfg.data.batch_size, seed=cfg.seed)
-
-
-@torch.inference_mode()
-def calibrate(model: torch.nn.Module, loader) -> int:
-    """Run images through an observed model so its observers record ranges; returns count."""
-    model.eval()
-    n = 0
-    for images, _ in loader:
-        model(images)
-        n += len(images)
-    return n
-
-
 # -- QAT -----------------------------------------------------------------------------------
-def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: int,
+def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo,
               on_line: Callable[[str], None] = print) -> list[dict]:
     """Launch this node's QAT workers (torchrun, gloo) and wait; returns the run's epoch rows.
 
@@ -291,58 +289,57 @@ def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: int
     multi-node job (every node calls this with the same config and run). Resumes from the
     run's newest checkpoint in the store; launches nothing when every epoch is done.
     """
-    q = cfg.qat
-    done = qat.latest_checkpoint(store_of(cfg), run.run_id)
-    if done >= q.epochs:
+    q, store = cfg.qat, store_of(cfg)
+    if qat.is_trained(store, run.run_id, q.epochs):
         on_line(f"all {q.epochs} QAT epochs of run {run.run_id} are already done")
-        return qat_epochs(cfg, run)
+        return qat_epochs(store, run)
     num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    num_threads = q.world_size * (q.threads_per_worker + cfg.data.num_workers)
+    num_threads = q.nproc_per_node * (q.threads_per_worker + cfg.data.num_workers)
     if num_cores and num_threads > num_cores:
         log.warning("QAT: %d workers x (%d threads + %d loader processes) on %d cores "
-                    "oversubscribes this node", q.world_size, q.threads_per_worker,
+                    "oversubscribes this node", q.nproc_per_node, q.threads_per_worker,
                     cfg.data.num_workers, num_cores)
     job = qat.QatJob(config=cfg, staged=staged, run_id=run.run_id, run_date=run.created_at,
-                     num_classes=num_classes)
+                     num_classes=len(staged.classes))
     with tempfile.TemporaryDirectory(prefix="quantlab-qat-") as tmp:
         path = os.path.join(tmp, "job.json")
         with open(path, "w") as f:
             f.write(job.model_dump_json())
-        launch("quantlab.qat", ["--job", path], nproc_per_node=q.world_size,
+        launch("quantlab.qat", ["--job", path], nproc_per_node=q.nproc_per_node,
                threads_per_worker=q.threads_per_worker, nnodes=q.nnodes,
                rdzv_endpoint=q.rdzv_endpoint, rdzv_id=q.rdzv_id or run.run_id,
                rdzv_timeout=q.rdzv_timeout, max_restarts=q.max_restarts, on_line=on_line)
-    return qat_epochs(cfg, run)
+    return qat_epochs(store, run)
 
 
-def qat_epochs(cfg: RunConfig, run: RunInfo) -> list[dict]:
-    rows = metrics.read_rows(store_of(cfg), "qat_epochs", run.run_id)
+def qat_epochs(store: Store, run: RunInfo) -> list[dict]:
+    """The run's `qat_epochs` rows, in epoch order."""
+    rows = metrics.read_rows(store, "qat_epochs", run.run_id)
     return sorted(rows, key=lambda r: r["epoch"])
 
 
-def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo, num_classes: int) -> VariantResult:
+def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
     """Convert the final QAT checkpoint to int8, evaluate it on val/, script and store it."""
     store = store_of(cfg)
-    last = qat.latest_checkpoint(store, run.run_id)
-    if last < cfg.qat.epochs:
-        raise NotFoundError(f"run {run.run_id} has QAT checkpoints up to epoch {last} of "
-                            f"{cfg.qat.epochs}; train first")
-    model = qat.build_qat_model(cfg, num_classes)
-    qat.restore(model, qat.load_checkpoint(store, run.run_id, last))
+    if not qat.is_trained(store, run.run_id, cfg.qat.epochs):
+        raise NotFoundError(f"run {run.run_id} has QAT checkpoints up to epoch "
+                            f"{qat.latest_checkpoint(store, run.run_id)} of {cfg.qat.epochs}; "
+                            "train first")
+    model = qat.build_qat_model(cfg, len(staged.classes))
+    qat.restore(model, qat.load_checkpoint(store, run.run_id, cfg.qat.epochs))
     int8 = get_backend().convert(model, cfg.qat.engine)
     result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
-    return _store_variant(cfg, run, cfg.qat.name, "qat", cfg.qat.engine, int8, result)
+    return _store_variant(cfg, store, run, cfg.qat.name, "qat", cfg.qat.engine, int8, result)
 
 
-# -- storing, benchmarking, reporting --------------------------------------------------------
-def _store_variant(cfg: RunConfig, run: RunInfo, variant: str, method: str, engine: str | None,
-                   model: torch.nn.Module, result: EvalResult) -> VariantResult:
+# -- storing, benchmarking, choosing, reporting -----------------------------------------------
+def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, variant: str, method: str,
+                   engine: str | None, model: torch.nn.Module, result: EvalResult) -> VariantResult:
     """Script a model, store the artifact and its `evaluations` row."""
     payload = export.artifact_bytes(model, engine)
     entry = ArtifactEntry(variant=variant, method=method, path=registry.artifact_path(variant),
                           sha256=export.sha256(payload), bytes=len(payload), engine=engine,
                           optimisation=export.ARTIFACT_OPTIMISATION)
-    store = store_of(cfg)
     store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", payload)
     metrics.write_rows(store, "evaluations", [{
         "run_id": run.run_id, "variant": variant, "method": method, "model": cfg.model.name,
@@ -352,44 +349,53 @@ def _store_variant(cfg: RunConfig, run: RunInfo, variant: str, method: str, engi
     return VariantResult(variant=variant, method=method, engine=engine, eval=result, artifact=entry)
 
 
-def load_artifact(cfg: RunConfig, run_id: str, entry: ArtifactEntry) -> torch.jit.ScriptModule:
-    """Read an artifact, verify its sha256 and size, and only then load it (it is code)."""
-    store = store_of(cfg)
-    payload = store.read_bytes(f"{registry.run_dir(run_id)}/{entry.path}")
-    registry.verify(payload, entry, store.uri(f"{registry.run_dir(run_id)}/{entry.path}"))
-    return export.load(payload, engine=entry.engine)
-
-
-def verified_copies(cfg: RunConfig, entries: dict[str, tuple[str, ArtifactEntry]],
-                    folder: str) -> dict[str, str]:
-    """Local copies of artifacts ({name: (run_id, entry)}), each sha256-verified; their paths."""
-    store, paths = store_of(cfg), {}
-    for name, (run_id, entry) in entries.items():
-        key = f"{registry.run_dir(run_id)}/{entry.path}"
-        payload = store.read_bytes(key)
-        registry.verify(payload, entry, store.uri(key))
-        paths[name] = os.path.join(folder, f"{name}.pt")
-        with open(paths[name], "wb") as f:
-            f.write(payload)
-    return paths
-
-
 def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
     """Time float and every int8 artifact the same way, interleaved, in a fresh process (see
     `bench.measure_files`); store `benchmarks` rows. Artifacts are sha256-verified first."""
-    b = cfg.bench
+    b, store = cfg.bench, store_of(cfg)
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
-        paths = verified_copies(cfg, {a.variant: (run.run_id, a) for a in artifacts}, tmp)
+        paths = registry.verified_copies(store, {a.variant: (run.run_id, a) for a in artifacts},
+                                         tmp)
         rows = measure_files(paths, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
                              b.warmup, b.iterations, engines={a.variant: a.engine for a in artifacts})
     entries = {a.variant: a for a in artifacts}
-    metrics.write_rows(store_of(cfg), "benchmarks", [table_row(
+    metrics.write_rows(store, "benchmarks", [table_row(
         r, run_id=run.run_id, model=cfg.model.name, engine=entries[r.variant].engine or "",
         input_size=cfg.data.transforms.input_size, source="quantlab",
         optimisation=entries[r.variant].optimisation, channels_last=False, weights="checkpoint",
         calibration="dataset", size_bytes=entries[r.variant].bytes)
         for r in rows], run.run_id, "pipeline", run.created_at)
     return rows
+
+
+def select(cfg: RunConfig, results: list[VariantResult],
+           latencies: list[Latency]) -> tuple[list[ResultRow], Selection]:
+    """The run's comparison rows (float first) and the variant it ships (quantlab.selection)."""
+    rows = comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
+                        "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
+                        "float_layers": r.float_layers} for r in results], latencies)
+    return rows, select_variant(rows, cfg.max_accuracy_drop)
+
+
+def baseline_warnings(results: list[VariantResult], rows: list[ResultRow],
+                      num_classes: int) -> list[str]:
+    """Warnings that the float baseline looks broken (quantlab.selection); each is logged."""
+    float_result = next(r for r in results if r.method == "float")
+    found = float_baseline_warnings(rows, float_result.eval.loss, num_classes)
+    for w in found:
+        log.warning("%s", w)
+    return found
+
+
+def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
+                    results: list[VariantResult], selected: Selection) -> GateVerdict | None:
+    """May the selected variant replace `best-<model>`? None when the gate is disabled.
+
+    The previous best is re-evaluated and re-timed here, side by side (quantlab.gate).
+    """
+    new = next(r for r in results if r.variant == selected.variant)
+    return gate_policy.regression_gate(cfg, store_of(cfg), staged, run.run_id, new.artifact,
+                                       new.eval.top1)
 
 
 def versions() -> dict[str, str]:
@@ -402,80 +408,22 @@ def versions() -> dict[str, str]:
     return out
 
 
-def comparison(results: list[VariantResult], latencies: list[Latency]) -> list[ResultRow]:
-    """The run's table rows (float first), with batch-1 latency and speed-up."""
-    return report.comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
-                               "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
-                               "float_layers": r.float_layers} for r in results], latencies)
-
-
-def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
-                    results: list[VariantResult], latencies: list[Latency]) -> GateVerdict | None:
-    """May this run's selected variant replace `best-<model>`? None when the gate is disabled.
-
-    Numbers from different runs are not compared: stored accuracies may come from another
-    dataset or evaluation setting, stored latencies from another machine or load. So the
-    previous best's artifact (sha256-verified) is evaluated on this run's val/ and timed at
-    batch 1 side by side with the newly selected artifact, interleaved; a latency regression
-    must show in each of up to `gate.latency_attempts` such measurements. If the previous best
-    was made for other classes or another input size, the two models do not solve the same
-    task: the gate passes, saying so.
-    """
-    if not cfg.gate.enabled:
-        return None
-    store = store_of(cfg)
-    alias = f"best-{cfg.model.name}"
-    limits = dict(max_accuracy_drop=cfg.max_accuracy_drop,
-                  max_latency_increase=cfg.gate.max_latency_increase)
-    if not store.exists(f"aliases/{alias}.json"):
-        return GateVerdict(passed=True, reason=f"no previous {alias}: this run's model is the "
-                           "first", **limits)
-    pointer = registry.read_alias(store, alias)
-    previous = registry.load_manifest(store, pointer.run_id)
-    entry = previous.artifact(pointer.variant or "best")
-    if (previous.dataset.classes != staged.classes
-            or previous.input_size != cfg.data.transforms.input_size):
-        return GateVerdict(passed=True, previous_run_id=previous.run_id,
-                           previous_variant=entry.variant, same_dataset=False, **limits,
-                           reason=f"not compared with {alias} ({previous.run_id}/"
-                                  f"{entry.variant}): it was made for other "
-                                  "classes or another input size, so it does not solve the same "
-                                  "task")
-    selected = report.select(comparison(results, latencies), cfg.max_accuracy_drop)
-    new = next(r for r in results if r.variant == selected.variant)
-    b = cfg.bench
-    with tempfile.TemporaryDirectory(prefix="quantlab-gate-") as tmp:
-        paths = verified_copies(cfg, {"reference": (previous.run_id, entry),
-                                      "candidate": (run.run_id, new.artifact)}, tmp)
-        with open(paths["reference"], "rb") as f:  # verified above: read the store once
-            previous_top1 = evaluate(export.load(f.read(), engine=entry.engine),
-                                     val_loader(cfg, staged), cfg.data.max_eval_batches).top1
-        old, now, attempts = compare(paths["reference"], paths["candidate"],
-                                     cfg.data.transforms.input_size,
-                                     1.0 + cfg.gate.max_latency_increase,
-                                     cfg.gate.latency_attempts, b.num_threads, b.warmup,
-                                     b.iterations, engines={"reference": entry.engine,
-                                                            "candidate": new.artifact.engine})
-    return report.judge(new.eval.top1, now.latency_ms, previous_top1, old.latency_ms,
-                        previous_run_id=previous.run_id, previous_variant=entry.variant,
-                        same_dataset=previous.dataset.fingerprint == staged.fingerprint,
-                        latency_attempts=attempts, **limits)
-
-
 def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
-             latencies: list[Latency], epochs: list[dict] | None = None,
+             rows: list[ResultRow], selected: Selection, epochs: list[dict] | None = None,
              ranking: SensitivityResult | None = None,
-             gate: GateVerdict | None = None) -> Manifest:
-    """Compare, select, plot, write the report, then the manifest (last), then the aliases.
+             gate: GateVerdict | None = None) -> Outcome:
+    """Plot, write the report, then the manifest (last), then the aliases.
 
     A run whose regression gate failed is complete but "rejected": its manifest and report
     are written and `latest` points at it, so it can be inspected; `best` does not move.
+    Returns the manifest and the report with the plot inlined (for a UI that cannot read
+    the store).
     """
     store = store_of(cfg)
     base = registry.run_dir(run.run_id)
-    rows = comparison(results, latencies)
-    selected = report.select(rows, cfg.max_accuracy_drop)
-    store.write_bytes(f"{base}/report/comparison.png", report.plot(rows, epochs or []))
+    warnings = baseline_warnings(results, rows, len(staged.classes))
+    png = report.plot(rows, epochs or [])
+    store.write_bytes(f"{base}/report/comparison.png", png)
     manifest = Manifest(
         run_id=run.run_id, status="rejected" if gate and not gate.passed else "succeeded",
         created_at=run.created_at,
@@ -485,41 +433,25 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
         dataset=DatasetInfo(uri=staged.uri, fingerprint=staged.fingerprint,
                             classes=staged.classes, num_train=staged.num_train,
                             num_val=staged.num_val, skipped_images=staged.skipped),
+        checkpoint_layout=next((r.checkpoint_layout for r in results if r.method == "float"), None),
+        warnings=warnings,
         artifacts=[r.artifact for r in results], results=rows, selected=selected, gate=gate,
         report={"markdown": "report/report.md", "plot": "report/comparison.png"})
-    store.write_bytes(f"{base}/report/report.md",
-                      render_report(cfg, manifest, results, ranking).encode())
-    store.write_json(f"{base}/manifest.json", manifest.model_dump(mode="json"))  # last: complete
-    update_aliases(store, manifest)
-    return manifest
-
-
-def render_report(cfg: RunConfig, manifest: Manifest, results: list[VariantResult],
-                  ranking: SensitivityResult | None = None, plot_image: str | None = None) -> str:
-    """The run's markdown report, with its sensitivity and the fallback's search (the store's
-    copy links the plot; `plot_image` inlines it, for the Prefect UI)."""
     fallback = next(((r.variant, r.fallback_steps) for r in results if r.fallback_steps), None)
-    return report.markdown_report(manifest, report_links(cfg, manifest), plot_image, ranking,
-                                  fallback)
+    links = report_links(store, manifest)
+    store.write_bytes(f"{base}/report/report.md",
+                      report.markdown_report(manifest, links, None, ranking, fallback).encode())
+    store.write_json(f"{base}/manifest.json", manifest.model_dump(mode="json"))  # last: complete
+    registry.update_aliases(store, manifest)
+    ui_report = report.markdown_report(manifest, links, report.data_uri(png), ranking, fallback)
+    return Outcome(manifest=manifest, store=cfg.store, ui_report=ui_report,
+                   most_sensitive=ranking.layers[:5] if ranking else [])
 
 
-def report_links(cfg: RunConfig, manifest: Manifest) -> dict[str, str]:
+def report_links(store: Store, manifest: Manifest) -> dict[str, str]:
     """Where a run's artifacts, plot and report live: file:// links or store URIs."""
-    store, base = store_of(cfg), registry.run_dir(manifest.run_id)
+    base = registry.run_dir(manifest.run_id)
     links = {a.variant: store.url(f"{base}/{a.path}") for a in manifest.artifacts}
     links.update({name: store.url(f"{base}/{rel}") for name, rel in manifest.report.items()})
     links["manifest"] = store.url(f"{base}/manifest.json")
     return links
-
-
-def update_aliases(store: Store, manifest: Manifest) -> None:
-    """latest and latest-<model> always; best and best-<model> point at the selected variant,
-    unless the regression gate rejected the run."""
-    when = manifest.finished_at
-    for name in ("latest", f"latest-{manifest.model}"):
-        registry.write_alias(store, name, manifest.run_id, manifest.model, None, when)
-    if manifest.status == "rejected":
-        return
-    for name in (f"best-{manifest.model}", "best"):
-        registry.write_alias(store, name, manifest.run_id, manifest.model,
-                             manifest.selected.variant, when)

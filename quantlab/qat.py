@@ -35,7 +35,8 @@ from pydantic import BaseModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from quantlab import data, evaluate, metrics, models, registry
+from quantlab import data, evaluate, metrics, models, registry, report
+from quantlab._deprecations import silence_deprecations
 from quantlab.backend import get_backend
 from quantlab.config import RunConfig
 from quantlab.data import StagedData
@@ -66,7 +67,7 @@ class EpochRow(BaseModel):
     train_loss: float
     train_top1: float
     eval_top1: float
-    eval_top5: float
+    eval_top5: float | None
     observer_frozen: bool
     bn_frozen: bool
     lr: float
@@ -111,6 +112,11 @@ def latest_checkpoint(store: Store, run_id: str) -> int:
     names = store.list_dir(f"{registry.run_dir(run_id)}/checkpoints/qat")
     epochs = [int(m.group(1)) for n in names if (m := re.fullmatch(r"epoch-(\d+)\.pt", n))]
     return max(epochs, default=0)
+
+
+def is_trained(store: Store, run_id: str, epochs: int) -> bool:
+    """Has the run's QAT finished: is there a checkpoint of its last epoch?"""
+    return latest_checkpoint(store, run_id) >= epochs
 
 
 def save_checkpoint(store: Store, run_id: str, epoch: int, model: nn.Module, optimizer,
@@ -276,9 +282,9 @@ def train(job: QatJob) -> nn.Module:
                                f"epoch-{epoch:04d}", date)
             save_checkpoint(store, job.run_id, epoch, model, optimizer, scheduler,
                             observers_frozen, bn_frozen, rng_states)
-            log.info("epoch %d/%d: loss %.4f, train top-1 %.2f, int8 val top-1 %.2f top-5 %.2f, "
+            log.info("epoch %d/%d: loss %.4f, train top-1 %.2f, int8 val top-1 %.2f top-5 %s, "
                      "%.0f img/s%s%s", epoch, q.epochs, row.train_loss, row.train_top1,
-                     row.eval_top1, row.eval_top5, row.images_per_sec,
+                     row.eval_top1, report.percent(row.eval_top5), row.images_per_sec,
                      ", BN frozen" if bn_frozen else "", ", observers frozen" if observers_frozen else "")
             emit("epoch", **row.model_dump())
         dist.barrier()  # no rank starts the next epoch before the checkpoint exists
@@ -292,8 +298,7 @@ def start_worker(argv: list[str] | None = None) -> QatJob:
     args = parser.parse_args(argv)
     with open(args.job) as f:
         job = QatJob.model_validate_json(f.read())
-    threads = int(os.environ.get("QUANTLAB_THREADS_PER_WORKER", job.config.qat.threads_per_worker))
-    rank, world_size = init_process_group(threads)
+    rank, world_size = init_process_group(job.config.qat.threads_per_worker)
     # quantlab's own progress at INFO; libraries (botocore, s3fs, ...) only from WARNING up.
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout,
                         format=f"[rank {rank}/{world_size}] %(message)s", force=True)
@@ -302,6 +307,7 @@ def start_worker(argv: list[str] | None = None) -> QatJob:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_deprecations()
     job = start_worker(argv)
     try:
         train(job)

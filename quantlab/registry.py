@@ -23,12 +23,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from quantlab.config import NAME_PATTERN
 from quantlab.errors import IntegrityError, NotFoundError, StoreError
 from quantlab.store import Store, check_relpath
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME = NAME_PATTERN
 
 
 def run_dir(run_id: str) -> str:
@@ -74,7 +75,7 @@ class ResultRow(_Strict):
     variant: str = Field(pattern=_NAME)
     method: Literal["float", "ptq", "qat"]
     top1: float
-    top5: float
+    top5: float | None = None             # None with 5 classes or fewer
     size_bytes: int
     latency_ms: float | None                # batch 1, median
     speedup: float | None                   # float latency / this latency
@@ -125,10 +126,12 @@ class Manifest(_Strict):
     config: dict[str, Any]
     versions: dict[str, str]
     dataset: DatasetInfo
+    checkpoint_layout: str | None = None    # what the float checkpoint held, e.g. "a state_dict"
     artifacts: list[ArtifactEntry]
     results: list[ResultRow]
     selected: Selection
     gate: GateVerdict | None = None         # None: the gate was disabled
+    warnings: list[str] = []                # what looked wrong (e.g. a broken float baseline)
     report: dict[str, str] = {}             # name -> path relative to the run folder
 
     def artifact(self, variant: str) -> ArtifactEntry:
@@ -233,13 +236,47 @@ def verify(data: bytes, entry: ArtifactEntry, where: str) -> None:
                              f"{entry.sha256[:12]}…); refusing to use it")
 
 
-def read_artifact(store: Store, manifest: Manifest, variant: str = "best") -> bytes:
-    """An artifact's bytes, verified against the manifest's sha256 and size."""
-    entry = manifest.artifact(variant)
-    rel = f"{run_dir(manifest.run_id)}/{entry.path}"
+def read_verified(store: Store, run_id: str, entry: ArtifactEntry) -> bytes:
+    """An artifact's bytes, verified against its manifest entry's sha256 and size."""
+    rel = f"{run_dir(run_id)}/{entry.path}"
     data = store.read_bytes(rel)
     verify(data, entry, store.uri(rel))
     return data
+
+
+def read_artifact(store: Store, manifest: Manifest, variant: str = "best") -> bytes:
+    """A complete run's artifact (`best`: the selected variant), verified."""
+    return read_verified(store, manifest.run_id, manifest.artifact(variant))
+
+
+def load_artifact(store: Store, run_id: str, entry: ArtifactEntry):
+    """An artifact as a TorchScript module, loaded only after its sha256 is verified (it is code)."""
+    from quantlab import export  # torch: only for the callers that load models
+
+    return export.load(read_verified(store, run_id, entry), engine=entry.engine)
+
+
+def verified_copies(store: Store, entries: dict[str, tuple[str, ArtifactEntry]],
+                    folder: str) -> dict[str, str]:
+    """Local copies of artifacts ({name: (run_id, entry)}), each sha256-verified; their paths."""
+    paths = {}
+    for name, (run_id, entry) in entries.items():
+        paths[name] = os.path.join(folder, f"{name}.pt")
+        with open(paths[name], "wb") as f:
+            f.write(read_verified(store, run_id, entry))
+    return paths
+
+
+def update_aliases(store: Store, manifest: Manifest) -> None:
+    """latest and latest-<model> always; best and best-<model> point at the selected variant,
+    unless the regression gate rejected the run."""
+    when = manifest.finished_at
+    for name in ("latest", f"latest-{manifest.model}"):
+        write_alias(store, name, manifest.run_id, manifest.model, None, when)
+    if manifest.status == "rejected":
+        return
+    for name in (f"best-{manifest.model}", "best"):
+        write_alias(store, name, manifest.run_id, manifest.model, manifest.selected.variant, when)
 
 
 def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None = None) -> str:

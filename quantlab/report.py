@@ -1,101 +1,23 @@
-"""The comparison of a run: table rows, the variant chosen under the accuracy budget, the
-regression gate's rule, a plot and the markdown report.
+"""Rendering of a run: terminal tables, markdown, the plot and the report.
 
-    rows = comparison(results, latencies)          # one ResultRow per variant, float first
-    chosen = select(rows, max_accuracy_drop=1.0)   # fastest int8 variant within the budget
-    verdict = judge(...)                           # may this run replace best-<model>?
-    png = plot(rows, qat_epochs)                   # accuracy vs latency, QAT top-1 per epoch
+    table = rich_table(rows, selected="ptq-x86")    # what `quantlab demo` prints
+    png = plot(rows, qat_epochs)                    # accuracy vs latency, QAT top-1 per epoch
+    md = markdown_report(manifest, links)           # the run's report
+
+What is selected and whether a run passes the gate is decided elsewhere (quantlab.selection,
+quantlab.gate); this module only shows it.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Sequence
 
 from rich.table import Table
 
-from quantlab.bench import Latency
-from quantlab.registry import GateVerdict, Manifest, ResultRow, Selection
+from quantlab.registry import Manifest, ResultRow
 from quantlab.sensitivity import FallbackStep, SensitivityResult
-
-
-def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[ResultRow]:
-    """Rows for float and every int8 variant; latency and speed-up at batch 1 (or the smallest).
-
-    `results` items carry variant, method, top1, top5, size_bytes (and optional float_layers).
-    """
-    smallest = min((lat.batch_size for lat in latencies), default=None)
-    lat = {x.variant: x.latency_ms for x in latencies if x.batch_size == smallest}
-    float_ms = lat.get("float")
-    rows = []
-    for r in results:
-        ms = lat.get(r["variant"])
-        rows.append(ResultRow(variant=r["variant"], method=r["method"], top1=r["top1"],
-                              top5=r["top5"], size_bytes=r["size_bytes"], latency_ms=ms,
-                              speedup=(float_ms / ms) if (ms and float_ms) else None,
-                              float_layers=r.get("float_layers", [])))
-    return sorted(rows, key=lambda row: ["float", "ptq", "qat"].index(row.method))  # stable
-
-
-def select(rows: Sequence[ResultRow], max_accuracy_drop: float) -> Selection:
-    """The fastest int8 variant (batch-1 latency) whose top-1 is within the budget of float.
-
-    If none is within budget, the most accurate int8 variant, marked as outside the budget.
-    """
-    float_row = next((r for r in rows if r.method == "float"), None)
-    candidates = [r for r in rows if r.method != "float"]
-    if float_row is None or not candidates:
-        raise ValueError("selection needs the float row and at least one int8 variant")
-    floor = float_row.top1 - max_accuracy_drop
-    within = [r for r in candidates if r.top1 >= floor]
-    if within:
-        best = min(within, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf"),
-                                          -r.top1))
-        return Selection(variant=best.variant, within_budget=True,
-                         reason=f"fastest variant within {max_accuracy_drop:g} top-1 points of "
-                                f"float ({best.top1:.2f} vs {float_row.top1:.2f}; "
-                                f"{_ms(best.latency_ms)} at batch 1)")
-    best = max(candidates, key=lambda r: r.top1)
-    return Selection(variant=best.variant, within_budget=False,
-                     reason=f"no variant within {max_accuracy_drop:g} top-1 points of float "
-                            f"({float_row.top1:.2f}); chose the most accurate ({best.top1:.2f})")
-
-
-def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency_ms: float, *,
-          previous_run_id: str, previous_variant: str, same_dataset: bool,
-          max_accuracy_drop: float, max_latency_increase: float,
-          latency_attempts: int = 1) -> GateVerdict:
-    """The regression gate's rule: fail if top-1 fell more than `max_accuracy_drop` points
-    below the previous best, or batch-1 latency rose more than `max_latency_increase`
-    (a fraction). Both pairs of numbers must come from the same data and the same machine.
-    """
-    drop = previous_top1 - top1
-    ratio = latency_ms / previous_latency_ms
-    problems = []
-    if drop > max_accuracy_drop:
-        problems.append(f"top-1 {top1:.2f} is {drop:.2f} points below the previous best's "
-                        f"{previous_top1:.2f} (allowed: {max_accuracy_drop:g})")
-    if ratio > 1.0 + max_latency_increase:
-        problems.append(f"batch-1 latency {latency_ms:.3f} ms is {ratio:.2f}x the previous "
-                        f"best's {previous_latency_ms:.3f} ms (allowed: "
-                        f"{1.0 + max_latency_increase:.2f}x; lowest of {latency_attempts} "
-                        "measurements)")
-    data = ("same dataset" if same_dataset else
-            "the dataset changed since (other fingerprint); both evaluated on this run's val/")
-    where = (f"previous best {previous_run_id}/{previous_variant}, measured side by side in "
-             f"this run ({data})")
-    if problems:
-        reason = "regression against the " + where + ": " + "; ".join(problems)
-    else:
-        reason = (f"no regression against the {where}: top-1 {top1:.2f} vs {previous_top1:.2f}, "
-                  f"batch-1 latency {ratio:.2f}x")
-    return GateVerdict(passed=not problems, reason=reason, previous_run_id=previous_run_id,
-                       previous_variant=previous_variant, same_dataset=same_dataset,
-                       previous_top1=previous_top1, top1=top1,
-                       previous_latency_ms=previous_latency_ms, latency_ms=latency_ms,
-                       latency_attempts=latency_attempts,
-                       max_accuracy_drop=max_accuracy_drop,
-                       max_latency_increase=max_latency_increase)
 
 
 def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "") -> Table:
@@ -144,9 +66,9 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
         out.append({
             "variant": r.variant + (" (selected)" if r.variant == selected else ""),
             "top-1 %": f"{r.top1:.2f}",
-            "top-5 %": f"{r.top5:.2f}",
+            "top-5 %": percent(r.top5),
             "size MB": f"{r.size_bytes / 1e6:.3f}",
-            "latency ms": _ms(r.latency_ms).removesuffix(" ms"),
+            "latency ms": format_ms(r.latency_ms).removesuffix(" ms"),
             "speed-up": f"{r.speedup:.2f}x" if r.speedup else "-",
             "float layers": "all" if r.method == "float" else str(len(r.float_layers)),
         })
@@ -231,6 +153,7 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
         f"{manifest.max_accuracy_drop:g} top-1 points): {manifest.selected.reason}.",
         "",
     ]
+    lines += [f"**Warning**: {w}." for w in manifest.warnings] + ([""] if manifest.warnings else [])
     if manifest.gate is not None:
         verdict = "passed" if manifest.gate.passed else "FAILED: `best` was not moved"
         lines += [f"**Regression gate {verdict}**: {manifest.gate.reason}.", ""]
@@ -253,6 +176,12 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
                                    "top-1 %": f"{s.top1:.2f}",
                                    "within budget": "yes" if s.within_budget else "no"}
                                   for s in steps]), ""]
+        if not any(s.within_budget for s in steps):
+            lines += [f"No step reached the budget; the search stopped after "
+                      f"{steps[-1].num_float_layers} float layers, and the fallback keeps the "
+                      f"fewest ({len(kept)}) that reached its best top-1, "
+                      f"{max(s.top1 for s in steps):.2f}: more float layers that gain nothing "
+                      "only cost speed and size.", ""]
     lines += ["## Artifacts", ""]
     if "manifest" in links:
         lines += [f"In `{links['manifest'].rsplit('/', 1)[0]}/`:", ""]
@@ -281,5 +210,16 @@ def _json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
-def _ms(ms: float | None) -> str:
+def data_uri(png: bytes) -> str:
+    """A PNG as a data: URI, so that a report shows it where the store cannot be read."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def percent(value: float | None) -> str:
+    """An accuracy for people: '97.77', or '-' where there is none (top-5 of <= 5 classes)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_ms(ms: float | None) -> str:
+    """A latency for people: '0.378 ms', or '-' when there is none."""
     return f"{ms:.3f} ms" if ms is not None else "-"

@@ -136,20 +136,34 @@ def measure(fused: nn.Module, quantized: dict[str, nn.Module], layers: Sequence[
 
 
 def greedy_fallback(ranked: Sequence[str], top1_with: Callable[[list[str]], float],
-                    base_top1: float, target_top1: float, max_float_layers: int
-                    ) -> list[FallbackStep]:
+                    base_top1: float, target_top1: float, max_float_layers: int,
+                    patience: int = 2) -> list[FallbackStep]:
     """Keep the most sensitive layers in float, one more per step, until top-1 >= target.
 
     `top1_with(layers)` builds and evaluates the variant with `layers` in float. Step 0 is the
-    base variant (`base_top1`, nothing in float). The last step is the fallback's result: the
-    first one within budget, or the one at the limit (max_float_layers, or every layer).
+    base variant (`base_top1`, nothing in float). The search stops at the first step within
+    budget, at the limit (max_float_layers, or every layer), or after `patience` steps in a
+    row that did not beat the best top-1 so far: more float layers that buy no accuracy only
+    cost speed and size. `chosen_step` says which step the fallback keeps.
     """
     steps = [FallbackStep(num_float_layers=0, added=None, top1=base_top1,
                           within_budget=base_top1 >= target_top1)]
+    best, stale = base_top1, 0
     for k in range(1, min(max_float_layers, len(ranked)) + 1):
-        if steps[-1].within_budget:
+        if steps[-1].within_budget or stale >= patience:
             break
         top1 = top1_with(list(ranked[:k]))
         steps.append(FallbackStep(num_float_layers=k, added=ranked[k - 1], top1=top1,
                                   within_budget=top1 >= target_top1))
+        best, stale = (top1, 0) if top1 > best else (best, stale + 1)
     return steps
+
+
+def chosen_step(steps: Sequence[FallbackStep]) -> FallbackStep:
+    """The step the fallback ships: the first within budget, else the fewest float layers that
+    reached the best top-1 of the search."""
+    within = [s for s in steps if s.within_budget]
+    if within:
+        return within[0]
+    best = max(s.top1 for s in steps)
+    return next(s for s in steps if s.top1 == best)

@@ -8,7 +8,7 @@ from prefect.logging import get_run_logger
 
 from quantlab import demo
 from quantlab.store import Store
-from tasks.stages import HOUR, IO_RETRIES
+from quantlab_tasks.steps import HOUR, IO_RETRIES
 
 
 @task(name="seed-demo-data", cache_policy=NO_CACHE, tags=["quantlab", "demo", "store"],

@@ -26,7 +26,7 @@ import traceback
 
 import torch
 
-import quantlab.cli
+import quantlab_cli.app
 import quantlab.pipeline  # noqa: F401 (the slow imports, once: torch, torchvision, pyarrow)
 
 
@@ -39,7 +39,7 @@ def _child(request: dict) -> int:
         type(torch.backends.quantized).supported_engines = property(lambda self: engines)
     sys.argv = ["quantlab", *request["argv"]]
     try:
-        quantlab.cli.main()
+        quantlab_cli.app.main()
         return 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -59,10 +59,13 @@ def inputs(tmp_path_factory, tiny_dataset, tiny_checkpoint):
     shutil.rmtree(os.path.join(no_val, "val"))
     differ = write_tiny_dataset(str(tmp / "differ"), per_class=(2, 1))
     os.rename(os.path.join(differ, "val", "cross"), os.path.join(differ, "val", "plus"))
+    empty_class = write_tiny_dataset(str(tmp / "empty-class"), per_class=(2, 1))
+    for png in os.listdir(os.path.join(empty_class, "val", "square")):
+        os.remove(os.path.join(empty_class, "val", "square", png))
     (tmp / "notes.txt").write_text("not a checkpoint")
     return SimpleNamespace(
         tmp=tmp, store=store.root, config=str(config), settings=cfg.model_dump(mode="json"),
-        no_val=no_val, differ=differ,
+        no_val=no_val, differ=differ, empty_class=empty_class,
         evil=_save({"model": Evil()}, tmp / "evil.pth"),
         shufflenet=_save(models.build("shufflenet_v2_x0_5", 3).state_dict(), tmp / "shufflenet.pth"),
         ten_classes=_save(models.build("mobilenet_v2", 10, width_mult=0.25).state_dict(),
@@ -126,6 +129,8 @@ LOCAL_CASES = {
     "classes differ": lambda i: (
         [i.config, "--data", i.differ],
         "classes differ between train/ and val/ (only in train: ['cross']; only in val: ['plus'])"),
+    "a class folder without images": lambda i: (
+        [i.config, "--data", i.empty_class], f"dataset {i.empty_class}: val/square has no images"),
     "checkpoint missing": lambda i: (
         [i.config, "--checkpoint", f"{i.tmp}/nope.pth"], f"checkpoint {i.tmp}/nope.pth does not exist"),
     "checkpoint not a torch file": lambda i: (
@@ -160,7 +165,7 @@ LOCAL_CASES = {
         [patched_config(i, "freeze", {"qat": {"epochs": 2, "freeze_observers_after": 3}})],
         "qat.freeze_observers_after=3 is beyond the run's 2 epochs; valid: 1..2"),
     "world size < 1": lambda i: (
-        [i.config, "--world-size", "0"], "qat.world_size: Input should be greater than or equal to 1"),
+        [i.config, "--nproc-per-node", "0"], "qat.nproc_per_node: Input should be greater than or equal to 1"),
     "batch size < 1": lambda i: (
         [patched_config(i, "batch", {"data": {"batch_size": 0}})],
         "data.batch_size: Input should be greater than or equal to 1 (got 0)"),
@@ -309,7 +314,7 @@ def test_undecodable_image_is_named_before_the_run_starts(prefect, inputs, tiny_
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "quantlab.cli", "run", config, "--data", str(data),
+            [sys.executable, "-m", "quantlab_cli.app", "run", config, "--data", str(data),
              "--store", store.root, "--no-qat", *args], capture_output=True, text=True,
             env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "COLUMNS": "200"})
 
@@ -329,7 +334,7 @@ def test_undecodable_image_is_named_before_the_run_starts(prefect, inputs, tiny_
     [m] = registry.list_runs(store)
     assert m.dataset.skipped_images == ["val/circle/003.png"]
     assert (m.dataset.num_train, m.dataset.num_val) == (72, 23)
-    out = subprocess.run([sys.executable, "-m", "quantlab.cli", "show", m.run_id, "--store",
+    out = subprocess.run([sys.executable, "-m", "quantlab_cli.app", "show", m.run_id, "--store",
                           store.root], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"})
     assert "1 undecodable image(s) left out: val/circle/003.png" in out.stdout, out.stderr

@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_bench_command_runs_stores_and_prints(tmp_path):
     store = str(tmp_path / "store")
     out = subprocess.run(
-        [sys.executable, "-m", "quantlab.cli", "bench", "--input-size", "32", "--num-classes", "3",
+        [sys.executable, "-m", "quantlab_cli.app", "bench", "--input-size", "32", "--num-classes", "3",
          "--model-arg", "width_mult=0.25", "--threads", "1", "--batch-sizes", "1,2",
          "--variants", "ptq-x86", "--engines", "x86", "--optimisations", "freeze,optimize_for_inference",
          "--warmup", "1", "--iterations", "10", "--store", store],

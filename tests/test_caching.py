@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from quantlab import pipeline
-from tasks.caching import dataset_key, float_eval_key
+from quantlab_tasks.caching import dataset_key, float_eval_key
 from tests.conftest import make_config, write_tiny_dataset
 from tests.test_flow import completed_run  # noqa: F401 (shared session fixture)
 
@@ -23,7 +23,7 @@ def task_states_and_logs(flow_run_id) -> tuple[dict[str, str], list[str]]:
 
 
 def test_rerun_skips_staging_and_float_evaluation(completed_run):  # noqa: F811
-    from flows.quantize import quantize
+    from quantlab_flows.quantize import quantize
 
     cfg, first = completed_run
     # Same checkpoint and data; a smaller run (no QAT, one variant, no sensitivity or regression
@@ -34,7 +34,7 @@ def test_rerun_skips_staging_and_float_evaluation(completed_run):  # noqa: F811
                                  "gate": cfg.gate.model_copy(update={"enabled": False})})
     state = quantize(cfg, return_state=True)
     assert state.is_completed()
-    assert state.result()["run_id"] != first["run_id"]
+    assert state.result().manifest.run_id != first.manifest.run_id
     states, logs = task_states_and_logs(state.state_details.flow_run_id)
     cached = sorted(name.rsplit("-", 1)[0] for name, s in states.items() if s == "Cached")
     assert cached == ["evaluate-float", "stage-data"]

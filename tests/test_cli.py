@@ -4,11 +4,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_flow import completed_run  # noqa: F401 (shared session fixture)
 
 
 def quantlab(*args, cwd=None, columns=200):
-    return subprocess.run([sys.executable, "-m", "quantlab.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "quantlab_cli.app", *args], capture_output=True,
                           text=True, cwd=cwd, env={**os.environ, "COLUMNS": str(columns)})
 
 
@@ -17,10 +19,56 @@ def test_runs_show_and_pull(completed_run, tmp_path):  # noqa: F811
     out = quantlab("runs", "--store", cfg.store, columns=80)
     assert out.returncode == 0, out.stderr
     # whole, even in a narrow terminal: users copy run ids into `show` and `pull`
-    assert result["run_id"] in out.stdout and "mobilenet_v2" in out.stdout
+    assert result.manifest.run_id in out.stdout and "mobilenet_v2" in out.stdout
     out = quantlab("show", "latest", "--store", cfg.store)
-    assert out.returncode == 0 and result["selected"] in out.stdout and "sha256" in out.stdout
+    assert out.returncode == 0 and result.manifest.selected.variant in out.stdout and "sha256" in out.stdout
     out = quantlab("pull", "latest", "--variant", "best", "--dest", str(tmp_path / "m.pt"),
                    "--store", cfg.store)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m.pt").stat().st_size > 0
+
+
+def test_output_to_a_pipe_or_file_keeps_tables_whole(completed_run):  # noqa: F811
+    cfg, result = completed_run
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-m", "quantlab_cli.app", "show", "latest", "--store",
+                          cfg.store], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "\u2026" not in out.stdout.split("sha256")[0]  # the table: no cell cut short
+    assert "latency" in out.stdout and result.manifest.selected.variant in out.stdout
+
+
+def test_pull_best_of_a_run_outside_its_budget_warns(completed_run, tmp_path):  # noqa: F811
+    from quantlab.store import Store
+
+    cfg, result = completed_run
+    store, rel = Store(cfg.store), f"runs/{result.manifest.run_id}/manifest.json"
+    original = store.read_bytes(rel)
+    manifest = result.manifest.model_copy(update={"selected": result.manifest.selected.model_copy(
+        update={"within_budget": False})})
+    try:
+        store.write_bytes(rel, manifest.model_dump_json().encode())
+        out = quantlab("pull", result.manifest.run_id, "--dest", str(tmp_path), "--store", cfg.store)
+        assert out.returncode == 0 and "outside its accuracy budget" in out.stderr
+    finally:
+        store.write_bytes(rel, original)
+
+
+CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "quantlab")
+BAD_VALUES = {"demo": ["--qat-epochs", "abc"], "run": ["--qat-epochs", "abc"],
+              "qat": ["run.yaml", "--run-id", "r1", "--epochs", "abc"],
+              "pull": ["latest", "--variant"], "bench": ["--input-size", "abc"],
+              "deploy": ["--qat-slots", "0"], "serve": ["--qat-slots", "abc"],
+              "runs": ["--store"], "show": []}
+
+
+@pytest.mark.parametrize("command", sorted(BAD_VALUES))
+def test_usage_errors_are_one_line_and_exit_2(command, tmp_path):
+    """The README's promise, for every subcommand, through the installed console script."""
+    for args in ([command, "--no-such-option"], [command, *BAD_VALUES[command]]):
+        out = subprocess.run([CONSOLE_SCRIPT, *args], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.stderr)
+        assert f"quantlab {command} --help" in lines[0] and "Traceback" not in out.stderr

@@ -13,7 +13,7 @@ def test_defaults_follow_the_tutorial():
     assert [v.name for v in cfg.variants] == ["ptq-minmax", "ptq-x86"]
     assert all(v.num_calibration_batches == 32 for v in cfg.variants)
     assert (cfg.qat.epochs, cfg.qat.freeze_bn_after, cfg.qat.freeze_observers_after) == (8, 4, 5)
-    assert cfg.qat.name == "qat-x86" and cfg.qat.world_size == 2
+    assert cfg.qat.name == "qat-x86" and cfg.qat.nproc_per_node == 2
     t = cfg.data.transforms
     assert (t.input_size, t.eval_resize) == (224, 256)
 
@@ -32,7 +32,7 @@ def test_variants_by_preset_name_or_mapping():
     ({"variants": [{"name": "v", "engine": "tpu"}]}, "unknown engine 'tpu'; valid: x86, fbgemm"),
     ({"qat": {"epochs": 0}}, "qat.epochs"),
     ({"qat": {"epochs": 3, "freeze_bn_after": 5}}, "freeze_bn_after=5 is beyond the run's 3 epochs"),
-    ({"qat": {"world_size": 0}}, "qat.world_size"),
+    ({"qat": {"nproc_per_node": 0}}, "qat.nproc_per_node"),
     ({"data": {"uri": "d", "batch_size": 0}}, "data.batch_size"),
     ({"storage_options": {"secret": "hunter2"}}, "must not hold credentials (secret)"),
     ({"bogus": 1}, "bogus: unknown setting"),

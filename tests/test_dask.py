@@ -7,7 +7,7 @@ from quantlab.store import Store
 
 
 def test_ptq_variants_fan_out_over_a_dask_cluster(prefect, tiny_config, tmp_path):
-    from flows.quantize import quantize
+    from quantlab_flows.quantize import quantize
 
     cfg = tiny_config.model_copy(update={
         "qat": tiny_config.qat.model_copy(update={"enabled": False}),
@@ -17,5 +17,5 @@ def test_ptq_variants_fan_out_over_a_dask_cluster(prefect, tiny_config, tmp_path
         result = quantize(cfg.model_copy(update={"dask_address": cluster.scheduler_address}))
         ran_on_dask = cluster.scheduler.task_prefixes["ptq_variant"].state_counts["memory"]
     assert ran_on_dask == len(cfg.variants) == 2
-    m = registry.load_manifest(Store(cfg.store), result["run_id"])
+    m = registry.load_manifest(Store(cfg.store), result.manifest.run_id)
     assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86"]

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from flows.deployments import PREFECT_FILE, PROJECT_ROOT, load_deployment_specs, runner_deployments
+from quantlab_flows.deployments import PREFECT_FILE, PROJECT_ROOT, load_deployment_specs, runner_deployments
 from tests.browser import Chromium
 from tests.conftest import background, make_config, wait_until
 
@@ -27,7 +27,7 @@ DEMO = "quantlab-demo/digits-nightly"
 
 
 def quantlab_cli(*args, env, cwd, timeout: float = 600):
-    return subprocess.run([sys.executable, "-m", "quantlab.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "quantlab_cli.app", *args], capture_output=True,
                           text=True, env={**env, "COLUMNS": "200"}, cwd=cwd, timeout=timeout)
 
 
@@ -72,7 +72,7 @@ def served(prefect_server, tmp_path_factory):
                 return client.read_deployment_by_name(QUANTIZE + "-served").work_pool_name is None
             except ObjectNotFound:
                 return False
-    with background([sys.executable, "-m", "quantlab.cli", "serve", "--prefect-file",
+    with background([sys.executable, "-m", "quantlab_cli.app", "serve", "--prefect-file",
                      str(tmp / "prefect.yaml")], prefect_server.env, tmp / "serve.log",
                     registered, "quantlab serve to register its deployments",
                     cwd=PROJECT_ROOT) as proc:
@@ -111,7 +111,7 @@ def test_deploy_registers_pool_qat_limit_and_scheduled_deployments(deployed, pre
     specs = {s["name"]: s for s in load_deployment_specs(PREFECT_FILE)}
     with prefect_server.settings(), get_client(sync_client=True) as client:
         assert client.read_work_pool(POOL).type == "process"
-        assert client.read_global_concurrency_limit_by_name("tag:quantlab-qat").limit == 1
+        assert client.read_global_concurrency_limit_by_name("tag:quantlab-compute").limit == 1
         deployments = {name: client.read_deployment_by_name(name) for name in (QUANTIZE, DEMO)}
     for name, d in deployments.items():
         spec = specs[d.name]

@@ -91,7 +91,7 @@ def test_throttling_is_retried_and_then_reported(s3_bucket, s3_endpoint, caplog)
 def test_task_retries_skip_user_errors():
     from prefect.states import Failed
 
-    from tasks.stages import retry_transient
+    from quantlab_tasks.steps import retry_transient
 
     def retried(exc: BaseException) -> bool:
         return retry_transient(None, None, Failed(data=exc))
@@ -126,7 +126,7 @@ class Cli:
     def __init__(self, tmp: Path, name: str, args: list[str], env: dict[str, str]):
         self.out, self.err = tmp / f"{name}.out", tmp / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "quantlab.cli", *args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "quantlab_cli.app", *args],
                                          stdout=out, stderr=err, env=env)
 
     @property

@@ -13,7 +13,7 @@ from tests.conftest import make_config
 @pytest.fixture(scope="session")
 def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
     """One complete flow run, shared by the flow, registry and CLI tests."""
-    from flows.quantize import quantize
+    from quantlab_flows.quantize import quantize
 
     tmp = tmp_path_factory.mktemp("flowrun")
     cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"))
@@ -23,7 +23,7 @@ def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
 def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     cfg, result = completed_run
     store = Store(cfg.store)
-    m = registry.load_manifest(store, result["run_id"])
+    m = registry.load_manifest(store, result.manifest.run_id)
     assert m.status == "succeeded" and m.input_size == 32
     assert m.run_id.startswith("flow-")  # from the flow run: a retry would resume it
     assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86",
@@ -39,11 +39,11 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     assert by_variant["float"].speedup == pytest.approx(1.0)
     assert all(r.latency_ms > 0 for r in m.results)
     fallback = by_variant["ptq-x86-fallback"]
-    assert fallback.float_layers == [x["layer"] for x in result["most_sensitive"]][
+    assert fallback.float_layers == [x.layer for x in result.most_sensitive][
         :len(fallback.float_layers)]
     for table, expected in [("evaluations", 5), ("benchmarks", 10), ("qat_epochs", 1),
                             ("sensitivity", 53)]:
-        assert len(metrics.read_rows(store, table, result["run_id"])) == expected, table
+        assert len(metrics.read_rows(store, table, result.manifest.run_id)) == expected, table
     assert store.exists(f"runs/{m.run_id}/report/comparison.png")
     report = store.read_bytes(f"runs/{m.run_id}/report/report.md").decode()
     assert "Selected" in report and "Per-layer sensitivity of `ptq-x86`" in report
@@ -59,12 +59,12 @@ def test_printed_table_fits_an_80_column_terminal(completed_run):
     from quantlab import report
 
     cfg, result = completed_run
-    rows = [registry.ResultRow.model_validate(r) for r in result["results"]]
+    rows = [registry.ResultRow.model_validate(r) for r in result.manifest.results]
     console = Console(width=80, record=True)
-    console.print(report.rich_table(rows, result["selected"], title=result["run_id"]))
+    console.print(report.rich_table(rows, result.manifest.selected.variant, title=result.manifest.run_id))
     text = console.export_text()
     assert "\u2026" not in text  # nothing cut off with an ellipsis
-    assert f"{result['selected']} *" in text and "* selected" in text and "qat-x86" in text
+    assert f"{result.manifest.selected.variant} *" in text and "* selected" in text and "qat-x86" in text
 
 
 def test_flow_publishes_keyed_artifacts(completed_run):
@@ -74,7 +74,7 @@ def test_flow_publishes_keyed_artifacts(completed_run):
 
     _, result = completed_run
     # The session may hold other quantize runs (test_cli imports this fixture): read this one's.
-    flow_run_id = result["run_id"].removeprefix("flow-")
+    flow_run_id = result.manifest.run_id.removeprefix("flow-")
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["quantlab-comparison", "quantlab-report", "quantlab-progress"]),
@@ -85,9 +85,9 @@ def test_flow_publishes_keyed_artifacts(completed_run):
     table = json.loads(table) if isinstance(table, str) else table
     assert [r["variant"].split(" ")[0] for r in table] == ["float", "ptq-minmax", "ptq-x86",
                                                            "ptq-x86-fallback", "qat-x86"]
-    assert [r["variant"] for r in table].count(f"{result['selected']} (selected)") == 1
+    assert [r["variant"] for r in table].count(f"{result.manifest.selected.variant} (selected)") == 1
     assert float(by_key["quantlab-progress"].data) == 100.0
-    assert result["run_id"] in by_key["quantlab-report"].data
+    assert result.manifest.run_id in by_key["quantlab-report"].data
 
 
 def test_pull_verifies_and_refuses_tampered_artifacts(completed_run, tmp_path):
@@ -95,7 +95,7 @@ def test_pull_verifies_and_refuses_tampered_artifacts(completed_run, tmp_path):
     store = Store(cfg.store)
     dest = registry.pull(cfg.store, "latest", variant="best", dest=str(tmp_path / "m.pt"))
     torch.jit.load(dest)(torch.randn(1, 3, 32, 32))
-    m = registry.load_manifest(store, result["run_id"])
+    m = registry.load_manifest(store, result.manifest.run_id)
     entry = m.artifact("ptq-minmax")
     rel = f"runs/{m.run_id}/{entry.path}"
     original = store.read_bytes(rel)
@@ -114,7 +114,7 @@ def test_unknown_refs_and_variants_are_named(completed_run):
     with pytest.raises(registry.NotFoundError, match="neither a complete run nor an alias"):
         registry.pull(cfg.store, "nope")
     with pytest.raises(registry.NotFoundError, match="no variant 'ptq-y'; valid: best, float"):
-        registry.pull(cfg.store, result["run_id"], variant="ptq-y")
+        registry.pull(cfg.store, result.manifest.run_id, variant="ptq-y")
 
 
 def test_a_retried_flow_run_resumes_its_run(prefect):
@@ -122,7 +122,7 @@ def test_a_retried_flow_run_resumes_its_run(prefect):
     from prefect import flow
     from prefect.runtime import flow_run
 
-    from flows.quantize import with_flow_run_id
+    from quantlab_flows.quantize import with_flow_run_id
     from quantlab.config import parse_config
 
     cfg = parse_config({"model": {"checkpoint": "f.pth"}, "data": {"uri": "d"}})

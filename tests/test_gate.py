@@ -5,14 +5,14 @@ import torch
 from typer.testing import CliRunner
 
 from quantlab import models, registry
-from quantlab.cli import app
+from quantlab_cli.app import app
 from quantlab.store import Store
 from tests.conftest import make_config
 
 
 def test_a_regression_fails_the_flow_and_leaves_best_unmoved(prefect, tiny_dataset,
                                                                tiny_checkpoint, tmp_path):
-    from flows.quantize import quantize
+    from quantlab_flows.quantize import quantize
 
     def config(checkpoint):  # lean: QAT and sensitivity are not the point here
         cfg = make_config(tiny_dataset, checkpoint, str(tmp_path / "store"), str(tmp_path / "cache"))
@@ -23,9 +23,9 @@ def test_a_regression_fails_the_flow_and_leaves_best_unmoved(prefect, tiny_datas
 
     first = quantize(config(tiny_checkpoint))
     store = Store(str(tmp_path / "store"))
-    m1 = registry.load_manifest(store, first["run_id"])
-    assert m1.status == "succeeded" and m1.gate.passed and "no previous best-mobilenet_v2" in first["gate"]
-    assert registry.resolve(store, "best-mobilenet_v2") == first["run_id"]
+    m1 = registry.load_manifest(store, first.manifest.run_id)
+    assert m1.status == "succeeded" and m1.gate.passed and "no previous best-mobilenet_v2" in first.manifest.gate.reason
+    assert registry.resolve(store, "best-mobilenet_v2") == first.manifest.run_id
 
     # An untrained model of the same architecture: top-1 collapses to chance.
     untrained = tmp_path / "untrained.pth"
@@ -35,14 +35,14 @@ def test_a_regression_fails_the_flow_and_leaves_best_unmoved(prefect, tiny_datas
     assert state.is_failed()
     assert "RegressionError" in state.message and "best-mobilenet_v2 not moved" in state.message
     second = registry.resolve(store, "latest")
-    assert second != first["run_id"]
+    assert second != first.manifest.run_id
     m2 = registry.load_manifest(store, second)
     assert m2.status == "rejected" and not m2.gate.passed
-    assert m2.gate.previous_run_id == first["run_id"] and m2.gate.same_dataset
+    assert m2.gate.previous_run_id == first.manifest.run_id and m2.gate.same_dataset
     assert "points below the previous best's" in m2.gate.reason
     assert m2.gate.previous_top1 == next(r.top1 for r in m1.results if r.variant == m1.selected.variant)
     for alias in ("best", "best-mobilenet_v2"):
-        assert registry.resolve(store, alias) == first["run_id"]
+        assert registry.resolve(store, alias) == first.manifest.run_id
     assert registry.resolve(store, "latest-mobilenet_v2") == second
     report = store.read_bytes(f"runs/{second}/report/report.md").decode()
     assert "Regression gate FAILED" in report
@@ -55,7 +55,7 @@ def test_a_regression_fails_the_flow_and_leaves_best_unmoved(prefect, tiny_datas
 
 
 def test_a_rejected_run_exits_3_with_the_reason(monkeypatch, capsys):
-    from quantlab import cli
+    from quantlab_cli import app as cli
     from quantlab.errors import RegressionError
 
     def rejected(**_):

@@ -31,13 +31,36 @@ def _save(obj) -> bytes:
     return buf.getvalue()
 
 
-def test_state_dict_round_trip_and_training_checkpoint_format(tmp_path):
+def test_state_dict_round_trip_and_the_checkpoint_shapes_people_save(tmp_path):
     src = models.build("mobilenet_v2", 3, width_mult=0.25)
-    for payload in (src.state_dict(), {"model": src.state_dict(), "epoch": 3}):
+    wrapped = {f"module.{k}": v for k, v in src.state_dict().items()}  # nn.DataParallel / DDP
+    for payload, layout in [
+            (src.state_dict(), "a state_dict"),
+            ({"model": src.state_dict(), "epoch": 3}, "the 'model' entry of a training checkpoint"),
+            ({"state_dict": src.state_dict(), "epoch": 3},
+             "the 'state_dict' entry of a training checkpoint"),
+            (wrapped, "a state_dict of an nn.DataParallel/DDP model ('module.' prefix stripped)"),
+            ({"state_dict": wrapped}, "the 'state_dict' entry of a training checkpoint of an "
+             "nn.DataParallel/DDP model ('module.' prefix stripped)")]:
         path = tmp_path / "ckpt.pth"
         path.write_bytes(_save(payload))
-        loaded = models.load_float_model("mobilenet_v2", 3, str(path), width_mult=0.25)
+        loaded, found = models.load_float_checkpoint("mobilenet_v2", 3, str(path), width_mult=0.25)
         assert torch.equal(loaded.features[0][0].weight, src.features[0][0].weight)
+        assert found == layout
+
+
+def test_other_dicts_are_refused_naming_their_keys():
+    with pytest.raises(CheckpointError, match="found a dict with keys 'weights', 'epoch'"):
+        models.read_state_dict(_save({"weights": [1, 2], "epoch": 3}), "odd.pth")
+
+
+def test_a_whole_pickled_model_gets_one_short_line_with_the_fix():
+    with pytest.raises(CheckpointError) as e:
+        models.read_state_dict(_save(models.build("resnet18", 3)), "model.pth")
+    msg = str(e.value)
+    assert "is a whole pickled model" in msg and "torch.save(model.state_dict(), path)" in msg
+    assert "\n" not in msg and "\x1b" not in msg and "weights_only=False" not in msg
+    assert len(msg) < 250
 
 
 class Evil:

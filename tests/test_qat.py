@@ -74,7 +74,7 @@ def check_qat_result(cfg, run_id: str, num_epochs: int, world_size: int) -> None
     assert ckpt["epoch"] == num_epochs and len(ckpt["rng_states"]) == world_size
     staged = pipeline.stage(cfg)
     run = pipeline.RunInfo.model_validate(store.read_json(f"runs/{run_id}/run.json"))
-    result = pipeline.export_qat(cfg, staged, run, len(staged.classes))
+    result = pipeline.export_qat(cfg, staged, run)
     assert result.method == "qat" and result.eval.num_images == staged.num_val
     assert result.artifact.bytes > 0
     # The last epoch's distributed evaluation (shards, all_reduce) = the final model's, in one process.
@@ -100,7 +100,7 @@ class Training:
 
     def _run(self, cfg, run, staged, num_classes) -> None:
         try:
-            self.rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=self._on_line)
+            self.rows = pipeline.train_qat(cfg, staged, run, on_line=self._on_line)
         except Exception as e:  # noqa: BLE001 (the test inspects it)
             self.error = e
 
@@ -118,7 +118,7 @@ def test_qat_on_two_gloo_workers_then_export(run_ctx):
     cfg, run, staged, num_classes = run_ctx
     cfg = with_qat(cfg, epochs=2, freeze_bn_after=1, freeze_observers_after=2, max_train_batches=2)
     lines = []
-    rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=lines.append)
+    rows = pipeline.train_qat(cfg, staged, run, on_line=lines.append)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert any("[rank 0/2] epoch 1/2" in line for line in lines)
     assert any(qat.parse_event(line) for line in lines)
@@ -126,7 +126,7 @@ def test_qat_on_two_gloo_workers_then_export(run_ctx):
     assert sum("a shard of 36 of 72 training images, 1 threads" in line for line in lines) == 2
     check_qat_result(cfg, run.run_id, num_epochs=2, world_size=2)
     # Once every epoch is done, a re-run launches nothing and retrains nothing.
-    again = pipeline.train_qat(cfg, staged, run, num_classes, on_line=lines.append)
+    again = pipeline.train_qat(cfg, staged, run, on_line=lines.append)
     assert again == rows
     assert lines[-1] == f"all 2 QAT epochs of run {run.run_id} are already done"
 
@@ -160,7 +160,7 @@ def test_two_nodes_rendezvous_on_loopback(tiny_config, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "quantlab.cli", "qat", str(config), "--run-id", "two-nodes",
+    cmd = [sys.executable, "-m", "quantlab_cli.app", "qat", str(config), "--run-id", "two-nodes",
            "--nnodes", "2", "--rdzv-endpoint", endpoint, "--nproc-per-node", "1"]
     env = {**os.environ, "COLUMNS": "200"}
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -212,7 +212,7 @@ def test_rerun_after_a_crash_resumes_from_the_runs_checkpoints(run_ctx):
     rerun = pipeline.start_run(cfg)
     assert rerun.resumed and rerun.created_at == run.created_at
     lines = []
-    rows = pipeline.train_qat(cfg, staged, rerun, num_classes, on_line=lines.append)
+    rows = pipeline.train_qat(cfg, staged, rerun, on_line=lines.append)
     assert f"resuming from the checkpoint of epoch {done}" in "\n".join(lines)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["created_at"] == before[r["epoch"]] for r in rows if r["epoch"] <= done)  # not redone
@@ -251,7 +251,7 @@ def test_k8s_manifest_is_valid_and_its_pods_form_one_qat_job(tmp_path):
     import kubernetes_validate
     import typer.main
 
-    from quantlab.cli import app, qat_config
+    from quantlab_cli.app import app, qat_config
 
     with open(os.path.join(ROOT, "deploy", "k8s", "qat-job.yaml")) as f:
         docs = {d["kind"]: d for d in yaml.safe_load_all(f)}
@@ -288,9 +288,9 @@ def test_k8s_manifest_is_valid_and_its_pods_form_one_qat_job(tmp_path):
     port = service["spec"]["ports"][0]["port"]
     assert q.rdzv_endpoint == f"{job['metadata']['name']}-0.{service['metadata']['name']}:{port}"
     assert port in [p["containerPort"] for p in container["ports"]]
-    assert q.world_size * q.threads_per_worker == int(container["resources"]["requests"]["cpu"])
+    assert q.nproc_per_node * q.threads_per_worker == int(container["resources"]["requests"]["cpu"])
     assert cfg.store.startswith("s3://")  # shared by the nodes
-    assert torchrun_command("quantlab.qat", [], q.world_size, q.nnodes, q.rdzv_endpoint,
+    assert torchrun_command("quantlab.qat", [], q.nproc_per_node, q.nnodes, q.rdzv_endpoint,
                             cfg.run_id, q.max_restarts, q.rdzv_timeout)[3:9] == [
         "--nproc-per-node=2", "--max-restarts=3", "--nnodes=2", "--rdzv-backend=c10d",
         "--rdzv-endpoint=quantlab-qat-0.quantlab-qat:29400", f"--rdzv-id={env['RUN_ID']}"]
@@ -308,7 +308,7 @@ def test_val_shards_partition_the_evaluated_images(run_ctx):
 def test_quantlab_qat_refuses_bad_launch_flags_before_any_work(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("model: {checkpoint: f.pth}\ndata: {uri: d}\n")
-    out = subprocess.run([sys.executable, "-m", "quantlab.cli", "qat", str(config), "--run-id", "r1",
+    out = subprocess.run([sys.executable, "-m", "quantlab_cli.app", "qat", str(config), "--run-id", "r1",
                           "--nnodes", "2", "--store", str(tmp_path / "store")],
                          capture_output=True, text=True)
     assert out.returncode == 2

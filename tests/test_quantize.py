@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.ao.quantization as tq
 
-from quantlab import export, metrics, pipeline, qat
+from quantlab import export, metrics, pipeline, qat, registry
 from quantlab.backend import check_engine, get_backend, qconfig_for
 from quantlab.config import PTQ_PRESETS
 from quantlab.errors import ConfigError
@@ -40,7 +40,7 @@ def test_ptq_variants_convert_evaluate_and_store(run_ctx):
         assert r.method == "ptq" and 0 <= r.eval.top1 <= 100 and r.eval.num_images == 24
         assert r.artifact.bytes < 0.5 * f.artifact.bytes  # int8 weights: about 4x smaller
         assert r.artifact.optimisation == export.ARTIFACT_OPTIMISATION == "freeze"
-        module = pipeline.load_artifact(cfg, run.run_id, r.artifact)
+        module = registry.load_artifact(pipeline.store_of(cfg), run.run_id, r.artifact)
         ops = {n.kind() for n in module.graph.nodes()}  # frozen: one graph, submodules inlined
         assert {"aten::quantize_per_tensor", "aten::dequantize", "quantized::conv2d_relu",
                 "quantized::add", "quantized::linear"} <= ops

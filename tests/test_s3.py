@@ -78,7 +78,7 @@ def s3_run(prefect, s3_env, s3_endpoint, tiny_dataset, tiny_checkpoint, tmp_path
     env.update(PREFECT_API_URL=PREFECT_API_URL.value(), AWS_DEFAULT_REGION="us-east-1",
                AWS_EC2_METADATA_DISABLED="true", COLUMNS="200")
     out = subprocess.run(
-        [sys.executable, "-m", "quantlab.cli", "run", str(config_path),
+        [sys.executable, "-m", "quantlab_cli.app", "run", str(config_path),
          "--storage-option", f"endpoint_url={s3_endpoint}",
          "--storage-option", f"key={CANARY_KEY}", "--storage-option", f"secret={CANARY_SECRET}"],
         env=env, capture_output=True, text=True, timeout=1200)

@@ -6,11 +6,11 @@ from torch.ao.nn import intrinsic as nni
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import quantized as nniq
 
-from quantlab import metrics, pipeline, report
+from quantlab import gate, metrics, pipeline, registry, selection
 from quantlab.backend import get_backend
 from quantlab.evaluate import EvalResult
 from quantlab.registry import ResultRow
-from quantlab.sensitivity import greedy_fallback
+from quantlab.sensitivity import chosen_step, greedy_fallback
 from quantlab.store import Store
 from tests.conftest import make_config
 
@@ -62,7 +62,7 @@ def test_fallback_keeps_the_most_sensitive_layers_in_float(ranked):
     assert r.fallback_steps[-1].top1 == r.eval.top1
     # In the TorchScript artifact exactly that many layers compute in float; the rest is int8.
     # (It is frozen: submodules and their names are inlined into one graph, so count the ops.)
-    module = pipeline.load_artifact(cfg, run.run_id, r.artifact)
+    module = registry.load_artifact(pipeline.store_of(cfg), run.run_id, r.artifact)
     ops = [n.kind() for n in module.graph.nodes()]
     assert sum(k in ("aten::conv2d", "aten::_convolution", "aten::linear") for k in ops) == 2
     assert any(k.startswith("quantized::conv2d") for k in ops)
@@ -116,6 +116,17 @@ def test_greedy_fallback_adds_layers_in_rank_order_until_the_budget():
     assert greedy_fallback(["a"], top1_with, 96.0, 95.0, 4)[-1].num_float_layers == 0
 
 
+def test_greedy_fallback_stops_when_float_layers_buy_nothing():
+    """Seen by a user: 8 float layers at top-1 30.00 each, a slower, larger model for nothing."""
+    top1 = {0: 30.0, 1: 30.0, 2: 31.0, 3: 31.0, 4: 31.0, 5: 40.0}
+    steps = greedy_fallback(list("abcdefgh"), lambda layers: top1[len(layers)], 30.0, 80.0,
+                            max_float_layers=8, patience=2)
+    assert [s.num_float_layers for s in steps] == [0, 1, 2, 3, 4]  # 3 and 4 gained nothing
+    assert chosen_step(steps).num_float_layers == 2  # the fewest that reached 31.0
+    flat = greedy_fallback(list("abcdefgh"), lambda layers: 30.0, 30.0, 80.0, 8, patience=2)
+    assert len(flat) == 3 and chosen_step(flat).num_float_layers == 0
+
+
 def _row(variant, top1, ms, method="ptq", float_layers=()):
     return ResultRow(variant=variant, method=method, top1=top1, top5=100, size_bytes=1,
                      latency_ms=ms, speedup=None, float_layers=list(float_layers))
@@ -124,23 +135,23 @@ def _row(variant, top1, ms, method="ptq", float_layers=()):
 def test_select_picks_the_fastest_variant_within_the_budget():
     rows = [_row("float", 90.0, 10.0, "float"), _row("fast-bad", 88.0, 2.0),
             _row("slow-good", 90.5, 5.0), _row("mid", 89.0, 3.0), _row("qat", 89.5, 4.0, "qat")]
-    chosen = report.select(rows, max_accuracy_drop=1.0)
+    chosen = selection.select(rows, max_accuracy_drop=1.0)
     assert chosen.variant == "mid" and chosen.within_budget  # 89.0 == floor counts as within
     assert "fastest variant within 1 top-1 points" in chosen.reason
-    assert report.select(rows, 0.0).variant == "slow-good"
-    assert report.select(rows, 5.0).variant == "fast-bad"
+    assert selection.select(rows, 0.0).variant == "slow-good"
+    assert selection.select(rows, 5.0).variant == "fast-bad"
     # a variant without a latency is never preferred over a timed one
-    assert report.select([rows[0], _row("untimed", 90, None), _row("t", 90, 9.0)], 1).variant == "t"
+    assert selection.select([rows[0], _row("untimed", 90, None), _row("t", 90, 9.0)], 1).variant == "t"
 
 
 def test_select_without_a_variant_in_budget_takes_the_most_accurate_and_says_so():
     rows = [_row("float", 95.0, 10.0, "float"), _row("a", 80.0, 2.0), _row("b", 85.0, 3.0),
             _row("b-fallback", 88.0, 6.0, float_layers=["x"])]
-    chosen = report.select(rows, max_accuracy_drop=1.0)
+    chosen = selection.select(rows, max_accuracy_drop=1.0)
     assert chosen.variant == "b-fallback" and not chosen.within_budget
     assert chosen.reason.startswith("no variant within 1 top-1 points of float")
     with pytest.raises(ValueError, match="float row"):
-        report.select(rows[1:], 1.0)
+        selection.select(rows[1:], 1.0)
 
 
 @pytest.mark.parametrize("top1, ms, passed, needle", [
@@ -150,7 +161,7 @@ def test_select_without_a_variant_in_budget_takes_the_most_accurate_and_says_so(
     (99.0, 12.0, False, "batch-1 latency"),
 ])
 def test_gate_rule(top1, ms, passed, needle):
-    verdict = report.judge(top1, ms, 95.0, 10.0, max_accuracy_drop=1.0, max_latency_increase=0.1,
+    verdict = gate.judge(top1, ms, 95.0, 10.0, max_accuracy_drop=1.0, max_latency_increase=0.1,
                            previous_run_id="run-1", previous_variant="ptq-x86", same_dataset=True,
                            latency_attempts=3)
     assert verdict.passed is passed and needle in verdict.reason
@@ -175,3 +186,11 @@ def test_gate_latency_is_remeasured_and_a_real_slowdown_persists():
                                  attempts=3, num_threads=1, warmup=1, iterations=5)
     assert attempts == 3 and new.latency_ms > 1.1 * old.latency_ms
     assert (old.variant, new.variant, old.batch_size) == ("reference", "candidate", 1)
+
+
+def test_a_broken_float_baseline_is_named():
+    rows = [_row("float", 12.0, 10.0, "float"), _row("a", 60.0, 2.0), _row("b", 55.0, 3.0)]
+    found = selection.float_baseline_warnings(rows, float_loss=2500.0, num_classes=10)
+    assert len(found) == 2 and "BatchNorm statistics" in found[0] and "broken" in found[1]
+    healthy = [_row("float", 90.0, 10.0, "float"), _row("a", 89.0, 2.0)]
+    assert selection.float_baseline_warnings(healthy, float_loss=0.4, num_classes=10) == []

@@ -116,7 +116,7 @@ def test_artifact_is_verified_before_torch_jit_load(store, monkeypatch):
     monkeypatch.setattr(export, "load", lambda *a, **k: loaded.append(a))
     cfg = make_config("data", "float.pth", store.root, "unused")  # only the store is used
     with pytest.raises(IntegrityError, match="does not match its manifest"):
-        pipeline.load_artifact(cfg, RUN, m.artifacts[0])
+        registry.load_artifact(pipeline.store_of(cfg), RUN, m.artifacts[0])
     assert loaded == []
     with pytest.raises(IntegrityError, match="does not match run r1's manifest"):
         registry.pull(store, RUN, dest=str(store.root) + "-pulled.pt")

@@ -14,8 +14,8 @@
 A user's mistake prints one line naming the bad value and the valid ones, and exits 2;
 a run that the regression gate rejected exits 3; `--debug` shows the traceback.
 
-The CLI lives in quantlab but imports flows (and Prefect) only inside the commands that run
-them: the library itself never imports Prefect.
+The command line is the top layer (cli -> flows -> tasks -> quantlab). It imports flows, and
+so Prefect, only inside the commands that run them, so that `quantlab show` stays quick.
 """
 
 from __future__ import annotations
@@ -30,17 +30,21 @@ import typer
 import yaml
 from rich.console import Console
 
+from quantlab._deprecations import silence_deprecations
 from quantlab.errors import QuantlabError, RegressionError
-
-# The ephemeral Prefect server that `demo` and `run` start would otherwise phone home from a
-# machine that may have no internet (and log the failure every ten minutes). A user's own
-# setting wins.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Turn float PyTorch image classifiers into fast int8 models.")
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """A console for stdout or stderr. Not a terminal (a pipe, a file, a CI log) and no
+    COLUMNS set: no width limit, so tables keep every header and figure whole."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=100_000 if wide else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 _state = {"debug": False}
 
 StoreOpt = Annotated[str, typer.Option("--store", "-s", envvar="QUANTLAB_STORE",
@@ -55,17 +59,41 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")
     _state["debug"] = debug
 
 
+def parse_pairs(option: str, items: list[str] | None) -> dict[str, Any]:
+    """Repeated KEY=VALUE options -> a mapping; values are read as YAML (2 -> int, true -> bool)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QuantlabError(f"{option} {item!r} must be KEY=VALUE")
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
 def _apply_storage_options(options: list[str] | None) -> None:
     """KEY=VALUE pairs -> QUANTLAB_STORAGE_OPTIONS (reaches the store and the QAT workers)."""
     if not options:
         return
     parsed: dict[str, Any] = json.loads(os.environ.get("QUANTLAB_STORAGE_OPTIONS") or "{}")
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise QuantlabError(f"--storage-option {item!r} must be KEY=VALUE")
-        parsed[key] = yaml.safe_load(value) if value else ""
+    parsed.update(parse_pairs("--storage-option", options))
     os.environ["QUANTLAB_STORAGE_OPTIONS"] = json.dumps(parsed)
+
+
+# The run settings that `run` and `qat` take as flags: flag (as typer names the parameter) ->
+# the dotted RunConfig key it overrides. One table, so both commands spell a setting alike.
+CONFIG_FLAGS = {
+    "model": "model.name", "checkpoint": "model.checkpoint", "data": "data.uri",
+    "store": "store", "cache_dir": "cache_dir", "input_size": "data.transforms.input_size",
+    "qat_epochs": "qat.epochs", "epochs": "qat.epochs", "nproc_per_node": "qat.nproc_per_node",
+    "threads_per_worker": "qat.threads_per_worker", "max_restarts": "qat.max_restarts",
+    "nnodes": "qat.nnodes", "rdzv_endpoint": "qat.rdzv_endpoint", "rdzv_id": "qat.rdzv_id",
+    "run_id": "run_id",
+}
+
+
+def config_overrides(**flags: Any) -> dict[str, Any]:
+    """Flags given on the command line (None: not given) -> dotted RunConfig overrides."""
+    return {CONFIG_FLAGS[name]: value for name, value in flags.items() if value is not None}
 
 
 class _UserErrorsWithoutTraceback(logging.Filter):
@@ -91,43 +119,50 @@ def _quiet_console_tracebacks() -> None:
             handler.addFilter(_UserErrorsWithoutTraceback())
 
 
-def _print_results(result: dict) -> None:
+def _print_outcome(outcome) -> None:
+    """What `demo` and `run` print: the table, sensitivity, fallback, gate and the choice."""
     from quantlab import report
-    from quantlab.registry import ResultRow
 
-    rows = [ResultRow.model_validate(r) for r in result["results"]]
-    console.print(report.rich_table(rows, result["selected"], title=f"run {result['run_id']}"))
-    if result.get("most_sensitive"):
+    m = outcome.manifest
+    console.print(report.rich_table(m.results, m.selected.variant, title=f"run {m.run_id}"))
+    if outcome.most_sensitive:
         console.print("most sensitive layers: " + ", ".join(
-            f"{x['layer']} ({x['op_type']}, top-1 drop {x['top1_drop']:.2f}, "
-            f"logits SQNR {x['output_sqnr_db']:.1f} dB)"
-            for x in result["most_sensitive"]))
-    for r in rows:
+            f"{x.layer} ({x.op_type}, top-1 drop {x.top1_drop:.2f}, "
+            f"logits SQNR {x.output_sqnr_db:.1f} dB)" for x in outcome.most_sensitive))
+    for r in m.results:
         if r.float_layers:
             console.print(f"{r.variant} keeps in float: {', '.join(r.float_layers)}")
-    if result.get("gate"):
-        console.print(f"regression gate: {result['gate']}")
-    console.print(f"selected [bold]{result['selected']}[/bold]: {result.get('reason', '')}")
-    console.print("artifacts in "
-                  f"{result['store']}/runs/{result['run_id']}/  "
-                  f"(pull: quantlab pull {result['run_id']} --store {result['store']})")
+    for w in m.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    if m.gate is not None:
+        console.print(f"regression gate: {m.gate.reason}")
+    console.print(f"selected [bold]{m.selected.variant}[/bold]: {m.selected.reason}")
+    console.print(f"artifacts in {outcome.store}/runs/{m.run_id}/  "
+                  f"(pull: quantlab pull {m.run_id} --store {outcome.store})")
+
+
+CacheDirOpt = Annotated[Optional[str], typer.Option(
+    help="local cache of staged data (default ~/.cache/quantlab)")]
+NprocOpt = Annotated[Optional[int], typer.Option(
+    "--nproc-per-node", "--world-size", min=1,
+    help="QAT gloo workers on this node (--world-size: its old name)")]
 
 
 @app.command()
 def demo(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None,
          qat_epochs: Annotated[int, typer.Option(min=1, help="QAT epochs")] = 3,
-         world_size: Annotated[int, typer.Option(min=1, help="QAT gloo workers")] = 2,
-         cache_dir: Annotated[str, typer.Option(help="local cache of staged data")] = "~/.cache/quantlab",
+         nproc_per_node: NprocOpt = 2,
+         cache_dir: CacheDirOpt = "~/.cache/quantlab",
          ) -> None:
     """Seed the store with real digits, train a float baseline once, run `quantize` on it."""
     from quantlab.store import Store
 
     _apply_storage_options(storage_option)
     Store(store).check_writable()  # a missing bucket or bad credentials fail here, in seconds
-    from flows.demo import demo as demo_flow
+    from quantlab_flows.demo import demo as demo_flow
 
     _quiet_console_tracebacks()
-    _print_results(demo_flow(store=store, qat_epochs=qat_epochs, world_size=world_size,
+    _print_outcome(demo_flow(store=store, qat_epochs=qat_epochs, nproc_per_node=nproc_per_node,
                              cache_dir=cache_dir))
 
 
@@ -140,9 +175,10 @@ def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")]
         data: Annotated[Optional[str], typer.Option(help="ImageFolder dataset URI")] = None,
         store: Annotated[Optional[str], typer.Option("--store", "-s", help="store root URI")] = None,
         storage_option: StorageOpts = None,
+        cache_dir: CacheDirOpt = None,
         input_size: Annotated[Optional[int], typer.Option(help="model input side, pixels")] = None,
         qat_epochs: Annotated[Optional[int], typer.Option(help="QAT epochs")] = None,
-        world_size: Annotated[Optional[int], typer.Option(help="QAT gloo workers")] = None,
+        nproc_per_node: NprocOpt = None,
         no_qat: Annotated[bool, typer.Option("--no-qat", help="skip QAT")] = False,
         skip_bad_images: Annotated[bool, typer.Option(
             "--skip-bad-images", help="leave undecodable images out (they are listed in the "
@@ -157,19 +193,22 @@ def run(config: Annotated[Optional[str], typer.Argument(help="YAML run config")]
                                  "give one", param_hint="CONFIG")
     config = config or config_file
     _apply_storage_options(storage_option)
-    overrides = {"model.name": model, "model.checkpoint": checkpoint, "data.uri": data,
-                 "store": store, "data.transforms.input_size": input_size,
-                 "qat.epochs": qat_epochs, "qat.world_size": world_size,
-                 "qat.enabled": False if no_qat else None, "run_id": run_id,
-                 "data.skip_bad_images": True if skip_bad_images else None}
+    overrides = config_overrides(model=model, checkpoint=checkpoint, data=data, store=store,
+                                 cache_dir=cache_dir, input_size=input_size,
+                                 qat_epochs=qat_epochs, nproc_per_node=nproc_per_node,
+                                 run_id=run_id)
+    if no_qat:
+        overrides["qat.enabled"] = False
+    if skip_bad_images:
+        overrides["data.skip_bad_images"] = True
     cfg = load_config(config, overrides) if config else parse_config(merge_overrides({}, overrides))
     from quantlab.pipeline import preflight
 
     preflight(cfg)  # bad input fails here, in seconds, before Prefect or any work starts
-    from flows.quantize import quantize
+    from quantlab_flows.quantize import quantize
 
     _quiet_console_tracebacks()
-    _print_results(quantize(cfg))
+    _print_outcome(quantize(cfg, validated=True))
 
 
 @app.command()
@@ -179,8 +218,7 @@ def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
             help="nodes: N or MIN:MAX (torchrun --nnodes)")] = None,
         rdzv_endpoint: Annotated[Optional[str], typer.Option(
             help="HOST:PORT of the c10d rendezvous, reachable from every node")] = None,
-        nproc_per_node: Annotated[Optional[int], typer.Option(
-            help="gloo workers on this node")] = None,
+        nproc_per_node: NprocOpt = None,
         threads_per_worker: Annotated[Optional[int], typer.Option(
             help="torch threads per worker")] = None,
         max_restarts: Annotated[Optional[int], typer.Option(
@@ -189,6 +227,7 @@ def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
         epochs: Annotated[Optional[int], typer.Option(help="QAT epochs")] = None,
         store: Annotated[Optional[str], typer.Option("--store", "-s", help="store root URI")] = None,
         storage_option: StorageOpts = None,
+        cache_dir: CacheDirOpt = None,
         ) -> None:
     """Run one node of a run's QAT stage; start the same command on every node.
 
@@ -199,12 +238,14 @@ def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
     from quantlab import pipeline
 
     _apply_storage_options(storage_option)
-    cfg = qat_config(config, run_id, nnodes, rdzv_endpoint, nproc_per_node, threads_per_worker,
-                     max_restarts, rdzv_id, epochs, store)
-    num_classes = pipeline.preflight(cfg)
+    cfg = qat_config(config, run_id, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                     nproc_per_node=nproc_per_node, threads_per_worker=threads_per_worker,
+                     max_restarts=max_restarts, rdzv_id=rdzv_id, epochs=epochs, store=store,
+                     cache_dir=cache_dir)
+    pipeline.preflight(cfg)
     staged = pipeline.stage(cfg)  # decodes every image: bad data fails before any write
     run = pipeline.start_run(cfg)
-    rows = pipeline.train_qat(cfg, staged, run, num_classes, on_line=print)
+    rows = pipeline.train_qat(cfg, staged, run, on_line=print)
     from quantlab import report
 
     console.print(report.epochs_table(rows, title=f"run {run.run_id}: QAT epochs"))
@@ -212,18 +253,13 @@ def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
                   f"quantlab run {config} --run-id {run.run_id}")
 
 
-def qat_config(config: str, run_id: str, nnodes: str | None = None,
-               rdzv_endpoint: str | None = None, nproc_per_node: int | None = None,
-               threads_per_worker: int | None = None, max_restarts: int | None = None,
-               rdzv_id: str | None = None, epochs: int | None = None, store: str | None = None):
-    """The RunConfig one node of `quantlab qat` runs: the YAML config with the flags applied."""
+def qat_config(config: str, run_id: str, **flags: Any):
+    """The RunConfig one node of `quantlab qat` runs: the YAML config with the flags applied
+    (flags named as `quantlab qat`'s options; None: not given)."""
     from quantlab.config import load_config
 
-    return load_config(config, {
-        "qat.enabled": True, "qat.nnodes": nnodes, "qat.rdzv_endpoint": rdzv_endpoint,
-        "qat.world_size": nproc_per_node, "qat.threads_per_worker": threads_per_worker,
-        "qat.max_restarts": max_restarts, "qat.rdzv_id": rdzv_id, "qat.epochs": epochs,
-        "store": store, "run_id": run_id})
+    return load_config(config, {"qat.enabled": True,
+                                **config_overrides(run_id=run_id, **flags)})
 
 
 @app.command()
@@ -298,38 +334,56 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
          variant: Annotated[str, typer.Option(help="variant name, or best (the selected one)")] = "best",
          dest: Annotated[Optional[str], typer.Option(help="file (or folder) to write")] = None,
          store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
-    """Download a model, verifying its sha256 against the run's manifest."""
+    """Download a model, verifying its sha256 against the run's manifest.
+
+    `best` is the run's selected variant; the promoted model of a model name is the alias
+    `best-<model>` (moved only by runs that pass the regression gate).
+    """
+    from quantlab.registry import load_manifest, resolve
     from quantlab.registry import pull as pull_artifact
+    from quantlab.store import Store
 
     _apply_storage_options(storage_option)
-    path = pull_artifact(store, ref, variant=variant, dest=dest)
+    st = Store(store)
+    manifest = load_manifest(st, resolve(st, ref))
+    path = pull_artifact(st, manifest.run_id, variant=variant, dest=dest)
+    if variant == "best" and manifest.status == "rejected":
+        err_console.print(f"[yellow]warning:[/yellow] run {manifest.run_id} was rejected by the "
+                          f"regression gate; the promoted model is best-{manifest.model}",
+                          highlight=False, soft_wrap=True)
+    elif variant == "best" and not manifest.selected.within_budget:
+        err_console.print(f"[yellow]warning:[/yellow] run {manifest.run_id}'s best variant "
+                          f"{manifest.selected.variant} is outside its accuracy budget "
+                          f"({manifest.selected.reason})", highlight=False, soft_wrap=True)
     console.print(f"wrote {path} (sha256 verified); load it with torch.jit.load")
 
 
 PrefectFileOpt = Annotated[Optional[str], typer.Option(
     "--prefect-file", help="deployments file (default: deploy/prefect.yaml of this checkout)")]
-QatSlotsOpt = Annotated[int, typer.Option(
-    min=1, help="QAT trainings at a time, if the tag:quantlab-qat limit must be created")]
+SlotsOpt = Annotated[int, typer.Option(
+    "--compute-slots", "--qat-slots", min=1,
+    help="heavy compute stages (QAT, timing) at a time, if the tag:quantlab-compute limit must "
+    "be created (--qat-slots: its old name)")]
 
 
 @app.command()
-def deploy(prefect_file: PrefectFileOpt = None, qat_slots: QatSlotsOpt = 1) -> None:
+def deploy(prefect_file: PrefectFileOpt = None, compute_slots: SlotsOpt = 1) -> None:
     """Register the deployments with the Prefect API (PREFECT_API_URL) for a worker to run.
 
-    Creates the process work pool and the QAT concurrency limit if missing, then runs
+    Creates the process work pool and the compute concurrency limit if missing, then runs
     `prefect deploy --all` on the file. Start a worker with `prefect worker start --pool POOL`.
     """
-    from flows import deployments
+    from quantlab_flows import deployments
 
-    deployments.deploy(prefect_file, qat_slots)
+    deployments.deploy(prefect_file, compute_slots)
 
 
 @app.command()
-def serve(prefect_file: PrefectFileOpt = None, qat_slots: QatSlotsOpt = 1) -> None:
+def serve(prefect_file: PrefectFileOpt = None, compute_slots: SlotsOpt = 1) -> None:
     """Serve the deployments from this process (no work pool, no worker) until Ctrl-C."""
-    from flows import deployments
+    from quantlab_flows import deployments
 
-    deployments.serve(prefect_file, qat_slots)
+    deployments.serve(prefect_file, compute_slots)
 def _csv(option: str, value: str, cast=str) -> list:
     items = [v.strip() for v in value.split(",") if v.strip()]
     try:
@@ -368,12 +422,7 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
     from quantlab import benchsuite, report
 
     _apply_storage_options(storage_option)
-    kwargs = {}
-    for item in model_arg or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise QuantlabError(f"--model-arg {item!r} must be KEY=VALUE")
-        kwargs[key] = yaml.safe_load(value)
+    kwargs = parse_pairs("--model-arg", model_arg)
     spec = benchsuite.parse_spec({
         "model": model, "input_size": input_size, "num_classes": num_classes,
         "model_kwargs": kwargs, "checkpoint": checkpoint,
@@ -392,8 +441,17 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
     console.print(f"rows stored in {store}/metrics/benchmarks (run_id {result.run_id})")
 
 
+# typer ships its own copy of click (typer._click): catch its usage errors by their base class.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    """Entry point: run the app; user errors become one line and exit code 2."""
+    """Entry point: run the app; user errors and usage errors become one line and exit 2."""
+    # The ephemeral Prefect server that `demo` and `run` start would otherwise phone home from
+    # a machine that may have no internet (and log the failure every ten minutes). A user's
+    # own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    silence_deprecations()
     # quantlab's own warnings (storage retries) reach the terminal through Prefect's console
     # handler during a flow; before one, the error message that follows says it all.
     logging.getLogger("quantlab").addHandler(logging.NullHandler())
@@ -404,18 +462,21 @@ def main() -> None:
             raise
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(3 if isinstance(e, RegressionError) else 2)
+    except ClickException as e:  # an unknown option, a bad value, a missing argument
+        if _state["debug"]:
+            raise
+        ctx = getattr(e, "ctx", None)
+        command = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else ""
+        path = ctx.command_path if ctx is not None else f"quantlab {command}".strip()
+        hint = f" (see {path} --help)"
+        err_console.print(f"[red]error:[/red] {e.format_message()}{hint}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(e.exit_code)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own formatting
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

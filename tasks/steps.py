@@ -1,16 +1,16 @@
-"""The `quantize` pipeline's stages as Prefect tasks, one per quantlab.pipeline step.
+"""The `quantize` pipeline's steps as Prefect tasks, one per quantlab.pipeline step.
 
 Tasks pass small records (URIs, run ids, metric rows); never tensors or modules. I/O tasks
 retry with backoff, unless the error is a user's mistake (bad data, checkpoint, settings) or a
 refusal by the store, which a retry would meet again; deterministic compute does not retry.
 Staging and the float evaluation are cached by content (tasks/caching.py). Every stage has
-a timeout and tags; QAT training carries the `quantlab-qat` tag, whose concurrency limit
-(created by `quantlab deploy`) keeps two runs from training on one machine at once.
+a timeout and tags; QAT training, the benchmark and the regression gate's timing carry the
+`quantlab-compute` tag, whose concurrency limit (created by `quantlab deploy`) gives one heavy
+compute stage at a time: two runs never train on one machine at once, nor time each other's load.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 
@@ -20,17 +20,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from quantlab import pipeline, qat, registry, report
+from quantlab import pipeline, qat, report
 from quantlab.bench import Latency
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.errors import QuantlabError, StoreError
 from quantlab.evaluate import EvalResult
-from quantlab.pipeline import RunInfo, VariantResult
-from quantlab.registry import ArtifactEntry, GateVerdict, Manifest
+from quantlab.report import percent
+from quantlab.pipeline import Outcome, RunInfo, VariantResult
+from quantlab.registry import ArtifactEntry, GateVerdict, ResultRow, Selection
 from quantlab.sensitivity import SensitivityResult
-from tasks.caching import dataset_key, float_eval_key, log_cache_hit
-from tasks.progress import Progress
+from quantlab_tasks.caching import dataset_key, float_eval_key, log_cache_hit
+from quantlab_tasks.progress import Progress
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -49,7 +50,8 @@ HOUR = 3600
 TIMEOUTS = {"validate": 0.5 * HOUR, "store": 0.25 * HOUR, "stage": 12 * HOUR,
             "evaluate": 4 * HOUR, "export": 2 * HOUR, "ptq": 8 * HOUR, "qat": 96 * HOUR,
             "bench": 2 * HOUR, "report": 0.5 * HOUR}
-QAT_CONCURRENCY_TAG = "quantlab-qat"  # a tag concurrency limit on it bounds concurrent QAT
+# A tag concurrency limit on it bounds the heavy compute stages (QAT, timing) running at once.
+COMPUTE_CONCURRENCY_TAG = "quantlab-compute"
 
 
 @task(name="preflight", cache_policy=NO_CACHE, tags=["quantlab", "validate"],
@@ -92,7 +94,7 @@ def stage_data(config: RunConfig) -> StagedData:
 def evaluate_float(config: RunConfig, staged: StagedData) -> EvalResult:
     """Top-1/top-5/loss of the float checkpoint (cached by checkpoint and data content)."""
     result = pipeline.evaluate_float(config, pipeline.ensure_staged(config, staged))
-    get_run_logger().info("float: top-1 %.2f, top-5 %.2f", result.top1, result.top5)
+    get_run_logger().info("float: top-1 %.2f, top-5 %s", result.top1, percent(result.top5))
     return result
 
 
@@ -112,8 +114,8 @@ def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
     """One PTQ variant: prepare, calibrate, convert, evaluate, script, store."""
     result = pipeline.ptq_variant(config, pipeline.ensure_staged(config, staged), run, variant)
-    get_run_logger().info("%s: top-1 %.2f, top-5 %.2f, %d bytes", variant.name, result.eval.top1,
-                          result.eval.top5, result.artifact.bytes)
+    get_run_logger().info("%s: top-1 %.2f, top-5 %s, %d bytes", variant.name, result.eval.top1,
+                          percent(result.eval.top5), result.artifact.bytes)
     return result
 
 
@@ -156,9 +158,9 @@ def worker_line_level(line: str) -> int:
         glog.group(1), logging.INFO) if glog else logging.INFO
 
 
-@task(name="qat-train", cache_policy=NO_CACHE, tags=["quantlab", "qat", QAT_CONCURRENCY_TAG],
+@task(name="qat-train", cache_policy=NO_CACHE, tags=["quantlab", "qat", COMPUTE_CONCURRENCY_TAG],
       timeout_seconds=TIMEOUTS["qat"])
-def train_qat(config: RunConfig, staged: StagedData, run: RunInfo, num_classes: int,
+def train_qat(config: RunConfig, staged: StagedData, run: RunInfo,
               progress: Progress | None = None) -> list[dict]:
     """Multi-epoch QAT on torch.distributed (gloo) workers; their output goes to this log.
 
@@ -174,22 +176,21 @@ def train_qat(config: RunConfig, staged: StagedData, run: RunInfo, num_classes: 
         elif event["event"] == "epoch" and progress is not None:
             progress.qat_epoch(event["epoch"], config.qat.epochs)
 
-    return pipeline.train_qat(config, pipeline.ensure_staged(config, staged), run, num_classes,
+    return pipeline.train_qat(config, pipeline.ensure_staged(config, staged), run,
                               on_line=on_line)
 
 
 @task(name="qat-export", cache_policy=NO_CACHE, tags=["quantlab", "qat", "export"],
       timeout_seconds=TIMEOUTS["export"])
-def export_qat(config: RunConfig, staged: StagedData, run: RunInfo,
-               num_classes: int) -> VariantResult:
+def export_qat(config: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
     """Convert the final QAT checkpoint to int8, evaluate, script, store."""
-    result = pipeline.export_qat(config, pipeline.ensure_staged(config, staged), run, num_classes)
-    get_run_logger().info("%s: top-1 %.2f, top-5 %.2f, %d bytes", result.variant, result.eval.top1,
-                          result.eval.top5, result.artifact.bytes)
+    result = pipeline.export_qat(config, pipeline.ensure_staged(config, staged), run)
+    get_run_logger().info("%s: top-1 %.2f, top-5 %s, %d bytes", result.variant, result.eval.top1,
+                          percent(result.eval.top5), result.artifact.bytes)
     return result
 
 
-@task(name="benchmark", cache_policy=NO_CACHE, tags=["quantlab", "bench"],
+@task(name="benchmark", cache_policy=NO_CACHE, tags=["quantlab", "bench", COMPUTE_CONCURRENCY_TAG],
       timeout_seconds=TIMEOUTS["bench"])
 def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
     """Time float and every int8 artifact side by side."""
@@ -200,13 +201,14 @@ def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -
     return rows
 
 
-@task(name="regression-gate", cache_policy=NO_CACHE, tags=["quantlab", "gate"],
+@task(name="regression-gate", cache_policy=NO_CACHE,
+      tags=["quantlab", "gate", COMPUTE_CONCURRENCY_TAG],
       timeout_seconds=TIMEOUTS["bench"])
 def regression_gate(config: RunConfig, run: RunInfo, staged: StagedData,
-                    results: list[VariantResult], latencies: list[Latency]) -> GateVerdict | None:
+                    results: list[VariantResult], selected: Selection) -> GateVerdict | None:
     """Compare the selected variant with the previous best-<model>, both measured here."""
     verdict = pipeline.regression_gate(config, run, pipeline.ensure_staged(config, staged),
-                                       results, latencies)
+                                       results, selected)
     if verdict is not None:
         log = get_run_logger().info if verdict.passed else get_run_logger().error
         log("regression gate %s: %s", "passed" if verdict.passed else "FAILED", verdict.reason)
@@ -216,25 +218,27 @@ def regression_gate(config: RunConfig, run: RunInfo, staged: StagedData,
 @task(name="report", cache_policy=NO_CACHE, tags=["quantlab", "report", "store"],
       timeout_seconds=TIMEOUTS["report"], **IO_RETRIES)
 def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
-             latencies: list[Latency], epochs: list[dict], ranking: SensitivityResult | None,
-             gate: GateVerdict | None) -> Manifest:
-    """Select, report, write the manifest (last) and move the aliases; publish UI artifacts.
+             rows: list[ResultRow], selected: Selection, epochs: list[dict],
+             ranking: SensitivityResult | None, gate: GateVerdict | None) -> Outcome:
+    """Report, write the manifest (last) and move the aliases; publish UI artifacts.
 
     The UI's report shows the plot inline (a data: URI: the UI cannot read the store) and
     links every stored artifact, the PNG included.
     """
-    manifest = pipeline.finalize(config, run, staged, results, latencies, epochs, ranking, gate)
-    rows = report.table_rows(manifest.results, manifest.selected.variant)
+    outcome = pipeline.finalize(config, run, staged, results, rows, selected, epochs, ranking,
+                                gate)
+    publish(outcome)
+    return outcome
+
+
+def publish(outcome: Outcome) -> None:
+    """The run's comparison table and report as Prefect artifacts of the current flow run."""
+    manifest = outcome.manifest
     rejected = " (rejected by the regression gate)" if manifest.status == "rejected" else ""
-    create_table_artifact(key="quantlab-comparison", table=rows,
-                          description=f"run {run.run_id}: {manifest.model}, selected "
+    create_table_artifact(key="quantlab-comparison",
+                          table=report.table_rows(manifest.results, manifest.selected.variant),
+                          description=f"run {manifest.run_id}: {manifest.model}, selected "
                                       f"{manifest.selected.variant}{rejected}")
-    png = pipeline.store_of(config).read_bytes(
-        f"{registry.run_dir(run.run_id)}/{manifest.report['plot']}")
-    markdown = pipeline.render_report(config, manifest, results, ranking,
-                                      plot_image="data:image/png;base64,"
-                                                 + base64.b64encode(png).decode())
-    create_markdown_artifact(key="quantlab-report", markdown=markdown,
-                             description=f"run {run.run_id}")
+    create_markdown_artifact(key="quantlab-report", markdown=outcome.ui_report,
+                             description=f"run {manifest.run_id}")
     get_run_logger().info("selected %s: %s", manifest.selected.variant, manifest.selected.reason)
-    return manifest

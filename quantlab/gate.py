@@ -1,0 +1,109 @@
+"""The regression gate: may this run's selected model replace `best-<model>`?
+
+    verdict = regression_gate(cfg, store, staged, run_id, selected_artifact, selected_top1)
+    verdict.passed                      # False: the run is recorded as rejected, `best` stays
+
+Numbers from different runs are never compared: the previous best is evaluated on this run's
+val/ and timed side by side with the candidate, here and now (`judge` is the rule).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from quantlab import data, export, registry
+from quantlab.bench import compare
+from quantlab.config import RunConfig
+from quantlab.data import StagedData
+from quantlab.evaluate import evaluate
+from quantlab.registry import ArtifactEntry, GateVerdict
+from quantlab.store import Store
+
+
+def regression_gate(cfg: RunConfig, store: Store, staged: StagedData, run_id: str,
+                    candidate: ArtifactEntry, candidate_top1: float) -> GateVerdict | None:
+    """The verdict on `candidate` (this run's selected artifact); None when the gate is disabled.
+
+    Stored accuracies may come from another dataset or evaluation setting, stored latencies
+    from another machine or load. So the previous best's artifact (sha256-verified) is
+    evaluated on this run's val/ and timed at batch 1 side by side with the candidate,
+    interleaved; a latency regression must show in each of up to `gate.latency_attempts` such
+    measurements. If the previous best was made for other classes or another input size, the
+    two models do not solve the same task: the gate passes, saying so.
+    """
+    if not cfg.gate.enabled:
+        return None
+    alias = f"best-{cfg.model.name}"
+    limits = dict(max_accuracy_drop=cfg.max_accuracy_drop,
+                  max_latency_increase=cfg.gate.max_latency_increase)
+    if not store.exists(f"aliases/{alias}.json"):
+        return GateVerdict(passed=True, reason=f"no previous {alias}: this run's model is the "
+                           "first", **limits)
+    pointer = registry.read_alias(store, alias)
+    previous = registry.load_manifest(store, pointer.run_id)
+    entry = previous.artifact(pointer.variant or "best")
+    if (previous.dataset.classes != staged.classes
+            or previous.input_size != cfg.data.transforms.input_size):
+        return GateVerdict(passed=True, previous_run_id=previous.run_id,
+                           previous_variant=entry.variant, same_dataset=False, **limits,
+                           reason=f"not compared with {alias} ({previous.run_id}/"
+                                  f"{entry.variant}): it was made for other "
+                                  "classes or another input size, so it does not solve the same "
+                                  "task")
+    b = cfg.bench
+    with tempfile.TemporaryDirectory(prefix="quantlab-gate-") as tmp:
+        paths = registry.verified_copies(store, {"reference": (previous.run_id, entry),
+                                                 "candidate": (run_id, candidate)}, tmp)
+        with open(paths["reference"], "rb") as f:  # verified above: read the store once
+            previous_top1 = evaluate(export.load(f.read(), engine=entry.engine),
+                                     data.loader(staged, cfg.data, "val", train=False),
+                                     cfg.data.max_eval_batches).top1
+        old, now, attempts = compare(paths["reference"], paths["candidate"],
+                                     cfg.data.transforms.input_size,
+                                     1.0 + cfg.gate.max_latency_increase,
+                                     cfg.gate.latency_attempts, b.num_threads, b.warmup,
+                                     b.iterations, engines={"reference": entry.engine,
+                                                            "candidate": candidate.engine})
+    return judge(candidate_top1, now.latency_ms, previous_top1, old.latency_ms,
+                 previous_run_id=previous.run_id, previous_variant=entry.variant,
+                 same_dataset=previous.dataset.fingerprint == staged.fingerprint,
+                 latency_attempts=attempts, **limits)
+
+
+def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency_ms: float, *,
+          previous_run_id: str, previous_variant: str, same_dataset: bool,
+          max_accuracy_drop: float, max_latency_increase: float,
+          latency_attempts: int = 1) -> GateVerdict:
+    """The regression gate's rule: fail if top-1 fell more than `max_accuracy_drop` points
+    below the previous best, or batch-1 latency rose more than `max_latency_increase`
+    (a fraction). Both pairs of numbers must come from the same data and the same machine.
+    """
+    drop = previous_top1 - top1
+    ratio = latency_ms / previous_latency_ms
+    problems = []
+    if drop > max_accuracy_drop:
+        problems.append(f"top-1 {top1:.2f} is {drop:.2f} points below the previous best's "
+                        f"{previous_top1:.2f} (allowed: {max_accuracy_drop:g})")
+    if ratio > 1.0 + max_latency_increase:
+        problems.append(f"batch-1 latency {latency_ms:.3f} ms is {ratio:.2f}x the previous "
+                        f"best's {previous_latency_ms:.3f} ms (allowed: "
+                        f"{1.0 + max_latency_increase:.2f}x; lowest of {latency_attempts} "
+                        "measurements)")
+    data = ("same dataset" if same_dataset else
+            "the dataset changed since (other fingerprint); both evaluated on this run's val/")
+    where = (f"previous best {previous_run_id}/{previous_variant}, measured side by side in "
+             f"this run ({data})")
+    if problems:
+        reason = "regression against the " + where + ": " + "; ".join(problems)
+    else:
+        reason = (f"no regression against the {where}: top-1 {top1:.2f} vs {previous_top1:.2f}, "
+                  f"batch-1 latency {ratio:.2f}x")
+    return GateVerdict(passed=not problems, reason=reason, previous_run_id=previous_run_id,
+                       previous_variant=previous_variant, same_dataset=same_dataset,
+                       previous_top1=previous_top1, top1=top1,
+                       previous_latency_ms=previous_latency_ms, latency_ms=latency_ms,
+                       latency_attempts=latency_attempts,
+                       max_accuracy_drop=max_accuracy_drop,
+                       max_latency_increase=max_latency_increase)
+
+

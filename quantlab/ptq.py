@@ -1,0 +1,49 @@
+"""Post-training quantization, the tutorial's way: prepare, calibrate, convert.
+
+    loader = calibration_loader(cfg, staged, variant.num_calibration_batches)
+    int8 = quantize_ptq(float_model, variant, loader)          # the float model is consumed
+
+The backend (quantlab.backend) decides how a model is prepared and converted; this module
+owns the order of the phases and which images calibrate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from quantlab import data
+from quantlab.backend import get_backend
+from quantlab.config import RunConfig, VariantConfig
+from quantlab.data import StagedData
+
+
+def calibration_loader(cfg: RunConfig, staged: StagedData, num_batches: int):
+    """A fixed, seeded subset of train/ with eval transforms: num_batches x batch_size images."""
+    return data.loader(staged, cfg.data, "train", train=False, batch_size=cfg.data.batch_size,
+                       max_images=num_batches * cfg.data.batch_size, seed=cfg.seed)
+
+
+@torch.inference_mode()
+def calibrate(model: torch.nn.Module, loader: Iterable) -> int:
+    """Run images through an observed model so its observers record ranges; returns count."""
+    model.eval()
+    n = 0
+    for images, _ in loader:
+        model(images)
+        n += len(images)
+    return n
+
+
+def quantize_ptq(model: torch.nn.Module, variant: VariantConfig, loader: Iterable,
+                 float_layers: Sequence[str] = ()) -> torch.nn.Module:
+    """A float model (consumed: it is fused in place) -> calibrated, converted int8 model.
+
+    `loader` yields (images, labels) batches (`quantlab bench` passes random ones);
+    `float_layers` stay in float.
+    """
+    backend = get_backend()
+    observed = backend.prepare_ptq(model, variant, float_layers)
+    calibrate(observed, loader)
+    return backend.convert(observed, variant.engine)
