@@ -24,9 +24,9 @@ import tempfile
 import time
 import traceback
 
+import quantlab_cli.app
 import torch
 
-import quantlab_cli.app
 import quantlab.pipeline  # noqa: F401 (the slow imports, once: torch, torchvision, pyarrow)
 
 

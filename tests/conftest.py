@@ -12,29 +12,23 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
-from contextlib import contextmanager
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from quantlab.config import BenchConfig, DataConfig, ModelConfig, QATConfig, RunConfig, TransformConfig
-
-TINY_CLASSES = ("circle", "cross", "square")
-TINY_TRANSFORMS = TransformConfig(input_size=32, resize_size=32, mean=(0.5, 0.5, 0.5),
-                                  std=(0.25, 0.25, 0.25), train_crop_scale=(0.8, 1.0), hflip=False)
+from quantlab.config import DataConfig, RunConfig
+from tests.support import (
+    ROOT,
+    TINY_TRANSFORMS,
+    free_port,
+    make_config,
+    write_tiny_dataset,
+)
 
 
 def pytest_configure(config):
@@ -43,12 +37,6 @@ def pytest_configure(config):
 
     for category, message in SILENCED:
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- S3 ----------------------------------------------------------------------------------
@@ -93,46 +81,6 @@ def store_uri(request, tmp_path):
 
 
 # -- tiny data and models -------------------------------------------------------------------
-def _shape_image(kind: str, rng: np.random.Generator, size: int = 16) -> bytes:
-    img = np.full((size, size, 3), rng.integers(0, 40), dtype=np.uint8)
-    c, r = size // 2 + rng.integers(-2, 3), int(rng.integers(4, 7))
-    yy, xx = np.mgrid[:size, :size]
-    if kind == "circle":
-        mask = (yy - c) ** 2 + (xx - c) ** 2 <= r * r
-    elif kind == "cross":
-        mask = (abs(yy - c) <= 1) | (abs(xx - c) <= 1)
-    else:
-        mask = (abs(yy - c) <= r) & (abs(xx - c) <= r) & ~((abs(yy - c) < r - 1) & (abs(xx - c) < r - 1))
-    img[mask] = rng.integers(180, 255, size=3)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_tiny_dataset(root: str, per_class: tuple[int, int] = (24, 8), seed: int = 0) -> str:
-    """A 3-class ImageFolder (train/ and val/) of 16x16 PNG shapes under `root`."""
-    rng = np.random.default_rng(seed)
-    for split, n in zip(("train", "val"), per_class):
-        for cls in TINY_CLASSES:
-            os.makedirs(os.path.join(root, split, cls), exist_ok=True)
-            for i in range(n):
-                with open(os.path.join(root, split, cls, f"{i:03d}.png"), "wb") as f:
-                    f.write(_shape_image(cls, rng))
-    return root
-
-
-def upload_tree(store, local: str, prefix: str) -> str:
-    """Copy a local folder into a quantlab Store under `prefix`; returns its URI."""
-    files = {}
-    for root, _, names in os.walk(local):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                files[f"{prefix}/{os.path.relpath(path, local)}"] = f.read()
-    store.write_many(files)
-    return store.uri(prefix)
-
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> str:
     return write_tiny_dataset(str(tmp_path_factory.mktemp("data") / "shapes"))
@@ -161,21 +109,6 @@ def tiny_checkpoint(tmp_path_factory, tiny_dataset) -> str:
     return path
 
 
-def make_config(data_uri: str, checkpoint: str, store: str, cache_dir: str, **overrides) -> RunConfig:
-    """A run config sized for tests: tiny inputs, 2 calibration batches, 1 QAT epoch on 2 workers."""
-    base = RunConfig(
-        model=ModelConfig(name="mobilenet_v2", checkpoint=checkpoint, kwargs={"width_mult": 0.25}),
-        data=DataConfig(uri=data_uri, batch_size=8, eval_batch_size=16, transforms=TINY_TRANSFORMS),
-        store=store, cache_dir=cache_dir,
-        variants=[{**p.model_dump(), "num_calibration_batches": 2}
-                  for p in RunConfig.model_fields["variants"].default],
-        qat=QATConfig(epochs=1, freeze_bn_after=1, freeze_observers_after=1, lr=1e-3,
-                      nproc_per_node=2, threads_per_worker=1, max_restarts=0),
-        bench=BenchConfig(num_threads=1, batch_sizes=(1, 4), warmup=1, iterations=5),
-    )
-    return base.model_copy(update=overrides)
-
-
 @pytest.fixture
 def tiny_config(tiny_dataset, tiny_checkpoint, tmp_path) -> RunConfig:
     return make_config(tiny_dataset, tiny_checkpoint, str(tmp_path / "store"), str(tmp_path / "cache"))
@@ -193,7 +126,6 @@ def run_ctx(tiny_config):
 
 
 # -- the command line ------------------------------------------------------------------------
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -237,78 +169,11 @@ def prefect(tmp_path_factory):
         yield
 
 
-@dataclass
-class PrefectServer:
-    url: str        # the UI
-    api_url: str
-    env: dict       # the environment of a process that talks to this server
-
-    @contextmanager
-    def settings(self):
-        """This process's Prefect client, pointed at the server."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: self.api_url}):
-            yield
-
-
-def wait_until(check, timeout: float, what: str, interval: float = 0.5):
-    """Poll `check()` until it returns something truthy; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-    return result
-
-
-@contextmanager
-def background(cmd: list[str], env: dict, log_path, ready, what: str, cwd=None):
-    """A long-running command (server, worker, serve) in its own session, output to
-    `log_path`; yields once `ready()` is true, and is stopped (the whole session) at the end."""
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd,
-                                start_new_session=True)
-
-    def check() -> bool:
-        assert proc.poll() is None, f"{what}: the process exited: " + log_path.read_text()[-3000:]
-        return ready()
-    try:
-        wait_until(check, 180, what, interval=1)
-        yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on loopback: a real API and UI, with its own PREFECT_HOME.
+def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
+    """One complete flow run, shared by the flow, registry and CLI tests."""
+    from quantlab_flows.quantize import quantize
 
-    The scheduler service is off, so that the deployments' cron schedules create no runs
-    while tests use the server.
-    """
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    server_env.update(PREFECT_HOME=str(home / "server"), PREFECT_UI_API_URL=f"{url}/api",
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=5) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    with background([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                     "--port", str(port)], server_env, home / "server.log", healthy,
-                    "prefect server start"):
-        yield PrefectServer(url=url, api_url=f"{url}/api",
-                            env={**server_env, "PREFECT_HOME": str(home / "client"),
-                                 "PREFECT_API_URL": f"{url}/api"})
+    tmp = tmp_path_factory.mktemp("flowrun")
+    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"))
+    return cfg, quantize(cfg)

@@ -26,7 +26,6 @@ def test_every_option_the_readme_shows_exists_on_its_command():
     import re
 
     import typer.main
-
     from quantlab_cli.app import app
 
     cli = typer.main.get_command(app)

@@ -6,12 +6,7 @@ import sys
 
 import pytest
 
-from tests.test_flow import completed_run  # noqa: F401 (shared session fixture)
-
-
-def quantlab(*args, cwd=None, columns=200):
-    return subprocess.run([sys.executable, "-m", "quantlab_cli.app", *args], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, "COLUMNS": str(columns)})
+from tests.support import run_quantlab as quantlab
 
 
 def test_runs_show_and_pull(completed_run, tmp_path):  # noqa: F811

@@ -31,8 +31,8 @@ import yaml
 from quantlab import metrics, qat, registry
 from quantlab.errors import CheckpointError, DataError, StoreError
 from quantlab.store import Store
-from tests.conftest import make_config, upload_tree
-from tests.faults import RestartableS3, ThrottlingProxy
+from tests.storage.faults import RestartableS3, ThrottlingProxy
+from tests.support import make_config, upload_tree
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,6 @@ def test_throttling_is_retried_and_then_reported(s3_bucket, s3_endpoint, caplog)
 
 def test_task_retries_skip_user_errors():
     from prefect.states import Failed
-
     from quantlab_tasks.steps import retry_transient
 
     def retried(exc: BaseException) -> bool:

@@ -7,17 +7,6 @@ import torch
 
 from quantlab import metrics, registry
 from quantlab.store import Store
-from tests.conftest import make_config
-
-
-@pytest.fixture(scope="session")
-def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
-    """One complete flow run, shared by the flow, registry and CLI tests."""
-    from quantlab_flows.quantize import quantize
-
-    tmp = tmp_path_factory.mktemp("flowrun")
-    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"))
-    return cfg, quantize(cfg)
 
 
 def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
@@ -69,8 +58,11 @@ def test_printed_table_fits_an_80_column_terminal(completed_run):
 
 def test_flow_publishes_keyed_artifacts(completed_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                                ArtifactFilterKey)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     _, result = completed_run
     # The session may hold other quantize runs (test_cli imports this fixture): read this one's.
@@ -121,8 +113,8 @@ def test_a_retried_flow_run_resumes_its_run(prefect):
     """Without a run id, quantize takes the flow run's id, which a retry keeps: it resumes."""
     from prefect import flow
     from prefect.runtime import flow_run
-
     from quantlab_flows.quantize import with_flow_run_id
+
     from quantlab.config import parse_config
 
     cfg = parse_config({"model": {"checkpoint": "f.pth"}, "data": {"uri": "d"}})

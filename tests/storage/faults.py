@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from moto.server import ThreadedMotoServer
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
             b'<Message>Please reduce your request rate.</Message><RequestId>quantlab-test</RequestId>'

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from quantlab_cli.app import app
 from typer.testing import CliRunner
 
 from quantlab import models, registry
-from quantlab_cli.app import app
 from quantlab.store import Store
-from tests.conftest import make_config
+from tests.support import make_config
 
 
 def test_a_regression_fails_the_flow_and_leaves_best_unmoved(prefect, tiny_dataset,
@@ -56,6 +56,7 @@ def test_a_regression_fails_the_flow_and_leaves_best_unmoved(prefect, tiny_datas
 
 def test_a_rejected_run_exits_3_with_the_reason(monkeypatch, capsys):
     from quantlab_cli import app as cli
+
     from quantlab.errors import RegressionError
 
     def rejected(**_):

@@ -12,7 +12,7 @@ from quantlab.evaluate import EvalResult
 from quantlab.registry import ResultRow
 from quantlab.sensitivity import chosen_step, greedy_fallback
 from quantlab.store import Store
-from tests.conftest import make_config
+from tests.support import make_config
 
 INT8_LAYERS = (nnq.Conv2d, nnq.Linear, nniq.ConvReLU2d)
 FLOAT_LAYERS = (torch.nn.Conv2d, torch.nn.Linear, nni.ConvReLU2d)

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from quantlab import data, metrics
+from quantlab.config import DataConfig
 from quantlab.errors import DataError, NotFoundError, StoreError
 from quantlab.store import Store, list_files
-from quantlab.config import DataConfig
-from tests.conftest import TINY_TRANSFORMS, upload_tree, write_tiny_dataset
+from tests.support import TINY_TRANSFORMS, upload_tree, write_tiny_dataset
 
 RUN_DATE = metrics.now()
 EVALUATION = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",

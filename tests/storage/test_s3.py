@@ -29,8 +29,8 @@ import yaml
 from quantlab import data, metrics, registry
 from quantlab.config import RunConfig
 from quantlab.store import Store, has_copy, list_files
-from tests.conftest import make_config, upload_tree, write_tiny_dataset
-from tests.test_cli import quantlab
+from tests.support import make_config, upload_tree, write_tiny_dataset
+from tests.support import run_quantlab as quantlab
 
 # Distinctive credentials (moto accepts any): they must turn up nowhere but in the environment.
 CANARY_KEY = "AKIAQLCANARY7F3K2P9X"

@@ -3,8 +3,8 @@
 import logging
 
 import pytest
-
 from quantlab_tasks.steps import worker_line_level
+
 
 # Lines as torchrun and a failing gloo worker print them (merged stdout and stderr).
 @pytest.mark.parametrize("line, level", [

@@ -27,7 +27,7 @@ import yaml
 
 from quantlab import models, registry
 from quantlab.store import Store
-from tests.conftest import free_port, make_config, write_tiny_dataset
+from tests.support import free_port, make_config, write_tiny_dataset
 
 
 class Evil:

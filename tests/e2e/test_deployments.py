@@ -16,10 +16,15 @@ import time
 import psutil
 import pytest
 import yaml
+from quantlab_flows.deployments import (
+    PREFECT_FILE,
+    PROJECT_ROOT,
+    load_deployment_specs,
+    runner_deployments,
+)
 
-from quantlab_flows.deployments import PREFECT_FILE, PROJECT_ROOT, load_deployment_specs, runner_deployments
-from tests.browser import Chromium
-from tests.conftest import background, make_config, wait_until
+from tests.e2e.browser import Chromium
+from tests.support import background, make_config, wait_until
 
 POOL = "quantlab-process"
 QUANTIZE = "quantize/mobilenet-v2-nightly"

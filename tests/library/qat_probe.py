@@ -1,6 +1,6 @@
 """A test-only QAT worker: trains exactly like quantlab.qat, then reports what ranks must agree on.
 
-    launch("tests.qat_probe", ["--job", job_json, "--out", result_json], nproc_per_node=2)
+    launch("tests.library.qat_probe", ["--job", job_json, "--out", result_json], nproc_per_node=2)
 
 After `qat.train` returns, every rank contributes its quantization state (fake-quant scales and
 zero points, observer ranges, BN statistics), its freeze flags, and the indices of its data

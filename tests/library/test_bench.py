@@ -11,7 +11,7 @@ from quantlab import benchsuite, metrics
 from quantlab.bench import cpu_model_and_flags
 from quantlab.store import Store
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_bench_command_runs_stores_and_prints(tmp_path):

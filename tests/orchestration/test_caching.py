@@ -4,17 +4,21 @@ import pathlib
 import shutil
 
 import torch
+from quantlab_tasks.caching import dataset_key, float_eval_key
 
 from quantlab import pipeline
-from quantlab_tasks.caching import dataset_key, float_eval_key
-from tests.conftest import make_config, write_tiny_dataset
-from tests.test_flow import completed_run  # noqa: F401 (shared session fixture)
+from tests.support import make_config, write_tiny_dataset
 
 
 def task_states_and_logs(flow_run_id) -> tuple[dict[str, str], list[str]]:
     """{task run name: state name} and the log lines of one flow run."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))

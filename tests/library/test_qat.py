@@ -20,10 +20,12 @@ from quantlab.config import parse_config
 from quantlab.distributed import LaunchError, launch, torchrun_command
 from quantlab.errors import ConfigError
 from quantlab.store import Store
-from tests.conftest import free_port
+from tests.support import (
+    ROOT,  # noqa: E402
+    free_port,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_MODULES = ("quantlab.qat", "tests.qat_probe")
+WORKER_MODULES = ("quantlab.qat", "tests.library.qat_probe")
 
 
 def with_qat(cfg, **qat_fields):
@@ -140,7 +142,7 @@ def test_ranks_agree_on_ranges_and_freezing_and_see_distinct_shards(run_ctx, tmp
                      num_classes=num_classes)
     (tmp_path / "job.json").write_text(job.model_dump_json())
     out = tmp_path / "probe.json"
-    launch("tests.qat_probe", ["--job", str(tmp_path / "job.json"), "--out", str(out)],
+    launch("tests.library.qat_probe", ["--job", str(tmp_path / "job.json"), "--out", str(out)],
            nproc_per_node=2, on_line=lambda line: None,
            env={"PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
     rank0, rank1 = json.loads(out.read_text())
@@ -250,7 +252,6 @@ def test_k8s_manifest_is_valid_and_its_pods_form_one_qat_job(tmp_path):
     """
     import kubernetes_validate
     import typer.main
-
     from quantlab_cli.app import app, qat_config
 
     with open(os.path.join(ROOT, "deploy", "k8s", "qat-job.yaml")) as f:

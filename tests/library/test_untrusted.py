@@ -15,7 +15,7 @@ import torch
 from quantlab import export, pipeline, registry
 from quantlab.errors import IntegrityError
 from quantlab.store import Store
-from tests.conftest import make_config
+from tests.support import make_config
 
 RUN = "r1"
 
