@@ -57,7 +57,7 @@ def read_state_dict(data: bytes, source: str) -> tuple[dict[str, torch.Tensor], 
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"checkpoint {source} {_refusal(str(e))}; quantlab loads only "
+        raise CheckpointError(f"checkpoint {source} {_refusal(str(e))} quantlab loads only "
                               "tensors: re-save it with torch.save(model.state_dict(), path)") from None
     except Exception as e:  # not a zip/pickle at all: a text file, a truncated upload, ...
         raise CheckpointError(f"checkpoint {source} is not a torch file ({type(e).__name__}: "
@@ -87,11 +87,12 @@ def _refusal(message: str) -> str:
     """
     plain = re.sub(r"\x1b\[[0-9;]*m", "", message)  # torch colours parts of it
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", plain)
-    name = found.group(1) if found else None
-    if name and name.rsplit(".", 1)[-1][:1].isupper():
-        return f"is a whole pickled model (of class {name}), not a state_dict"
-    return ("was refused by torch.load(weights_only=True)"
-            + (f": it needs {name} to load, which is code, not tensors" if name else ""))
+    if found and found.group(1).rsplit(".", 1)[-1][:1].isupper():
+        return f"is a whole pickled model (of class {found.group(1)}), not a state_dict."
+    parts = [p.strip() for p in plain.split("\n\n") if p.strip()]
+    reason = next((p for p in parts[1:] if not p.startswith("Check the documentation")
+                   and "weights_only=False" not in p), parts[0] if parts else "refused")
+    return f"was refused by torch.load(weights_only=True): {' '.join(reason.split())}"
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str,

@@ -26,13 +26,13 @@ def task_states_and_logs(flow_run_id) -> tuple[dict[str, str], list[str]]:
     return {r.name: r.state.name for r in runs}, [log.message for log in logs]
 
 
-def test_rerun_skips_staging_and_float_evaluation(completed_run):  # noqa: F811
+def test_rerun_skips_staging_and_float_evaluation(completed_run, tmp_path):
     from quantlab_flows.quantize import quantize
 
     cfg, first = completed_run
     # Same checkpoint and data; a smaller run (no QAT, one variant, no sensitivity or regression
-    # gate) is enough to show the cache.
-    cfg = cfg.model_copy(update={"variants": cfg.variants[:1],
+    # gate) is enough to show the cache. Its own store: the shared run's aliases stay put.
+    cfg = cfg.model_copy(update={"store": str(tmp_path / "store"), "variants": cfg.variants[:1],
                                  "qat": cfg.qat.model_copy(update={"enabled": False}),
                                  "sensitivity": cfg.sensitivity.model_copy(update={"enabled": False}),
                                  "gate": cfg.gate.model_copy(update={"enabled": False})})
