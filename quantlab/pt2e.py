@@ -340,3 +340,14 @@ def load_package(data: bytes | str):
     """
     source = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     return torch._inductor.aoti_load_package(source)
+
+
+class PackagedModel(nn.Module):
+    """A loaded AOTInductor package as an nn.Module, for quantlab's evaluate and bench loops."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.runner(images)
