@@ -34,9 +34,9 @@ def load() -> str:
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def build_float(name: str, input_size: int, num_classes: int = 1000) -> torch.nn.Module:
+def build_float(name: str, input_size: int, num_classes: int = 1000, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = models.build(name, num_classes=num_classes).train()
+    model = models.build(name, num_classes=num_classes, **kwargs).train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, input_size, input_size))
@@ -84,6 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mobilenet_v2", choices=sorted(models.ARCHITECTURES))
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--width-mult", type=float, default=None,
+                        help="MobileNet width (the demo's model: 0.5 at --input-size 32)")
+    parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--iterations", type=int, default=50)
@@ -93,17 +96,19 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="per-op profile of the package")
     args = parser.parse_args()
     size = args.input_size
-    print(f"# PT2E vs eager: {args.model} at {size} px, torch {torch.__version__}")
+    kwargs = {} if args.width_mult is None else {"width_mult": args.width_mult}
+    print(f"# PT2E vs eager: {args.model} {kwargs or ''} at {size} px, {args.num_classes} classes, "
+          f"torch {torch.__version__}")
     print(f"CPU: {cpu_info()}; {load()}\n")
 
-    float_model = build_float(args.model, size)
+    float_model = build_float(args.model, size, args.num_classes, **kwargs)
     batches = calibration_batches(size)
     runners, engines = {}, {}
     runners["float"] = export.load(export.artifact_bytes(float_model))
     eager = get_backend()
     for engine in ("x86", "onednn"):
         variant = PTQ_PRESETS["ptq-x86"].model_copy(update={"engine": engine})
-        observed = eager.prepare_ptq(build_float(args.model, size), variant)
+        observed = eager.prepare_ptq(build_float(args.model, size, args.num_classes, **kwargs), variant)
         calibrate(observed, batches)
         int8 = eager.convert(observed, engine)
         runners[f"eager-{engine}"] = export.load(export.artifact_bytes(int8, engine), engine)
@@ -111,7 +116,7 @@ def main() -> None:
 
     backend = pt2e.Pt2eBackend(size)
     start = time.perf_counter()
-    observed = backend.prepare_ptq(build_float(args.model, size), PTQ_PRESETS["ptq-x86"])
+    observed = backend.prepare_ptq(build_float(args.model, size, args.num_classes, **kwargs), PTQ_PRESETS["ptq-x86"])
     calibrate(observed, batches)
     converted = backend.convert(observed, "x86")
     print(f"PT2E export + prepare + calibrate + convert: {time.perf_counter() - start:.1f} s; {load()}")

@@ -26,6 +26,13 @@ SILENCED = [
 ]
 
 
+# (category, message regex, module regex): warnings that only a library's own code may issue
+SILENCED_IN_MODULE = [
+    # inductor's oneDNN int8 lowering (AOTInductor packages of PT2E models, quantlab.pt2e)
+    # copy-constructs a tensor itself; nothing a quantlab user can act on.
+    (UserWarning, r"To copy construct from a tensor", r"torch\._inductor\.mkldnn_lowerings"),
+]
+
 # (logger name, regex matched against the start of the formatted message)
 SILENCED_LOGS = [
     # torchao 0.18 registers its KernelPreference enum as a pytree constant; torch 2.14 now
@@ -47,6 +54,8 @@ def silence_deprecations() -> None:
     """Install the warning filters for torch.ao.quantization, torch.jit and torchao (idempotent)."""
     for category, message in SILENCED:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for category, message, module in SILENCED_IN_MODULE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name, message in SILENCED_LOGS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message
