@@ -5,8 +5,13 @@ Eager Mode": `torch.ao.quantization` (prepare, convert, observers) and `torch.ji
 torch 2.14 marks both as deprecated but they work, and that recipe is what we ship. Their
 warnings fire hundreds of times per run (one per observer) and would bury real messages, so
 we filter exactly those messages, and nothing else.
+
+The PT2E backend (quantlab.pt2e) uses torchao, whose import makes torch log (not warn) that
+its enum registration is deprecated; that log record is filtered here too, by its message.
 """
 
+import logging
+import re
 import warnings
 
 # (category, regex matched against the start of the message)
@@ -21,7 +26,38 @@ SILENCED = [
 ]
 
 
+# (category, message regex, module regex): warnings that only a library's own code may issue
+SILENCED_IN_MODULE = [
+    # inductor's oneDNN int8 lowering (AOTInductor packages of PT2E models, quantlab.pt2e)
+    # copy-constructs a tensor itself; nothing a quantlab user can act on.
+    (UserWarning, r"To copy construct from a tensor", r"torch\._inductor\.mkldnn_lowerings"),
+]
+
+# (logger name, regex matched against the start of the formatted message)
+SILENCED_LOGS = [
+    # torchao 0.18 registers its KernelPreference enum as a pytree constant; torch 2.14 now
+    # supports enums natively and logs that the call is deprecated, once per process.
+    ("torch.utils._pytree", r"<enum '\w+'> is an Enum subclass and is now natively supported"),
+]
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
 def silence_deprecations() -> None:
-    """Install the warning filters for torch.ao.quantization and torch.jit (idempotent)."""
+    """Install the warning filters for torch.ao.quantization, torch.jit and torchao (idempotent)."""
     for category, message in SILENCED:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for category, message, module in SILENCED_IN_MODULE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, message in SILENCED_LOGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message
+                   for f in logger.filters):
+            logger.addFilter(_DropMessages(message))

@@ -1,16 +1,20 @@
-"""The quantization backend, behind one interface.
+"""The quantization backends, behind one interface.
 
-quantlab implements the eager-mode recipe (torch.ao.quantization: fuse, qconfig, prepare,
-calibrate, convert; prepare_qat and fake quantization). Everything that recipe does to a model
-goes through `QuantBackend`, so that another backend (PT2E with torch.export, for example)
-can be added by implementing the same methods.
+Two stacks implement `QuantBackend`, the verbs of PTQ (prepare, calibrate, convert) and QAT
+(prepare_qat, freeze observers, freeze BN): the eager-mode recipe of the PyTorch tutorial
+(`EagerBackend`, torch.ao.quantization: fuse, qconfig, prepare, convert; "eager") and PT2E
+(`quantlab.pt2e.Pt2eBackend`: torch.export, torchao's prepare_pt2e / convert_pt2e with
+X86InductorQuantizer; "pt2e").
 
     backend = get_backend()                                   # EagerBackend
-    observed = backend.prepare_ptq(float_model, variant)      # fused, observers inserted
+    backend = get_backend("pt2e", input_size=224)             # Pt2eBackend (exports at that size)
+    observed = backend.prepare_ptq(float_model, variant)      # observers inserted
     ...run calibration batches through `observed`...
-    int8 = backend.convert(observed)                          # a new int8 module
+    int8 = backend.convert(observed, variant.engine)          # a new int8 model
 
-Mixed precision, for the per-layer sensitivity and the float fallback (quantlab.sensitivity):
+Mixed precision, for the per-layer sensitivity and the float fallback (quantlab.sensitivity),
+is `MixedPrecisionBackend`: only the eager backend has it (`supports_mixed_precision`), since it
+is built from eager modules that an exported graph does not have:
 
     backend.quantizable_layers(fused)                 # conv/linear layers PTQ turns into int8
     backend.prepare_ptq(model, variant, float_layers=["features.1.conv.0"])
@@ -29,7 +33,7 @@ import copy
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.ao.quantization as tq
@@ -56,7 +60,29 @@ class Layer(NamedTuple):
 
 
 class QuantBackend(Protocol):
+    """What every backend does to a float model: PTQ and QAT, each ending in `convert`."""
+
     name: str
+
+    def prepare_ptq(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
+        """An eval-mode float model with observers, ready for calibration."""
+
+    def convert(self, model: nn.Module, engine: str) -> nn.Module:
+        """A new int8 model (CPU, eval) from an observed or QAT model; the input is untouched."""
+
+    def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
+        """A train-mode float model, prepared for QAT, with fake quantization inserted."""
+
+    def freeze_observers(self, model: nn.Module) -> None:
+        """Stop updating quantization ranges (scales and zero points are then fixed)."""
+
+    def freeze_bn_stats(self, model: nn.Module) -> None:
+        """Stop updating BatchNorm running mean/variance (BN stays folded in training)."""
+
+
+@runtime_checkable
+class MixedPrecisionBackend(QuantBackend, Protocol):
+    """A backend that can keep chosen layers in float and quantize layers one at a time."""
 
     def prepare_ptq(self, model: nn.Module, variant: VariantConfig,
                     float_layers: Sequence[str] = ()) -> nn.Module:
@@ -75,17 +101,10 @@ class QuantBackend(Protocol):
         float tensors and quantizes only that layer (with the variant's qconfig).
         """
 
-    def convert(self, model: nn.Module, engine: str) -> nn.Module:
-        """A new int8 model (CPU, eval) from an observed or QAT model; the input is untouched."""
 
-    def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
-        """A train-mode float model, fused for QAT, with fake quantization inserted."""
-
-    def freeze_observers(self, model: nn.Module) -> None:
-        """Stop updating quantization ranges (scales and zero points are then fixed)."""
-
-    def freeze_bn_stats(self, model: nn.Module) -> None:
-        """Stop updating BatchNorm running mean/variance (BN stays folded in training)."""
+def supports_mixed_precision(backend: QuantBackend) -> bool:
+    """Whether per-layer sensitivity and the float fallback can use `backend`."""
+    return isinstance(backend, MixedPrecisionBackend)
 
 
 def supported_engines() -> list[str]:
@@ -206,13 +225,21 @@ class FloatIsland(nn.Module):
         return self.quant(self.module(self.dequant(x)))
 
 
-_BACKENDS: dict[str, QuantBackend] = {"eager": EagerBackend()}
+_EAGER = EagerBackend()
+BACKENDS = ("eager", "pt2e")
 
 
-def get_backend(name: str = "eager") -> QuantBackend:
-    if name not in _BACKENDS:
-        raise ConfigError(f"unknown quantization backend {name!r}; valid: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]
+def get_backend(name: str = "eager", input_size: int | None = None) -> QuantBackend:
+    """The backend called `name`. PT2E exports the model at `input_size` (required for it)."""
+    if name == "eager":
+        return _EAGER
+    if name == "pt2e":
+        if input_size is None:
+            raise ConfigError("backend pt2e needs the model's input_size (it exports the model)")
+        from quantlab.pt2e import Pt2eBackend  # imports torchao: only runs that use it pay
+
+        return Pt2eBackend(input_size)
+    raise ConfigError(f"unknown quantization backend {name!r}; valid: {', '.join(BACKENDS)}")
 
 
 @contextmanager
