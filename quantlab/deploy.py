@@ -77,16 +77,19 @@ def nncf_peer(float_onnx: bytes, calibration: Iterable) -> dict[str, bytes]:
     return onnx_export.nncf_ptq(float_onnx, batches)
 
 
-def artifact_files(files: Mapping[str, bytes]) -> list[dict]:
-    """Manifest entries for a variant's deployment files: one per format, each listing its
-    files with sha256 and bytes (an IR is two files, verified together)."""
+def artifact_files(files: Mapping[str, bytes], engine: str | None,
+                   int8: bool | None = None) -> list[dict]:
+    """Manifest entries for a variant's deployment files: one per format present, each with
+    the runtimes that run it, its files (sha256, bytes; an IR is two files, verified together)
+    and the library versions that made them. `engine`: the int8 variant's quantized engine,
+    None for float and for nncf-ptq (which passes int8=True)."""
     import hashlib
 
     out = []
     for fmt, names in FORMAT_FILES.items():
         if not all(n in files for n in names):
             continue
-        out.append({"format": fmt, "runtimes": runtimes.runtimes_for(fmt, engine="int8"),
+        out.append({"format": fmt, "runtimes": runtimes.runtimes_for(fmt, engine, int8),
                     "files": [{"path": n, "sha256": hashlib.sha256(files[n]).hexdigest(),
                                "bytes": len(files[n])} for n in names],
                     "made_by": versions()})

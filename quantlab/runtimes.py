@@ -163,16 +163,17 @@ def get_runtime(name: str) -> Runtime:
     return RUNTIMES[name]
 
 
-def runtimes_for(format: str, engine: str | None = None) -> list[str]:
-    """Names of the runtimes that run `format`: for TorchScript, torch holding `engine` (int8)
-    or plain torch (float); ONNX in ONNX Runtime; IR in OpenVINO at its default precision and
-    at f32 for float models (engine None)."""
+def runtimes_for(format: str, engine: str | None = None, int8: bool | None = None) -> list[str]:
+    """Names of the runtimes that run `format`: TorchScript in torch holding `engine` (int8)
+    or plain torch (float); ONNX in ONNX Runtime; IR in OpenVINO at its default precision, and
+    for float models (`int8` False; default: whether an engine is given) also at f32."""
+    int8 = engine is not None if int8 is None else int8
     if format == "torchscript":
         return [f"torch-{engine}" if engine else "torch"]
     if format == "onnx":
         return ["onnxruntime"]
     if format == "openvino":
-        return ["openvino"] if engine else ["openvino", "openvino-f32"]
+        return ["openvino"] if int8 else ["openvino", "openvino-f32"]
     raise ValueError(f"unknown artifact format {format!r}; valid: {', '.join(FORMATS)}")
 
 

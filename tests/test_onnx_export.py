@@ -212,3 +212,30 @@ def test_measure_runtimes_times_each_pair_in_its_own_process(tiny, tmp_path):
     with pytest.raises(ConfigError, match="runtime openvino cannot run .*model.onnx; valid for "
                                           "onnx: onnxruntime"):
         deploy.measure_runtimes({"x": (paths["model.onnx"], "openvino")}, 32)
+
+
+def test_manifest_entries_and_load_snippets(tiny, tmp_path):
+    model, calibration, val, _ = tiny
+    files = deploy.export_int8(_ptq(model, calibration), ENGINE, 32)
+    entries = {e["format"]: e for e in deploy.artifact_files(files, ENGINE)}
+    assert set(entries) == {"onnx", "openvino"}
+    assert [f["path"] for f in entries["openvino"]["files"]] == ["model.xml", "model.bin"]
+    assert entries["onnx"]["runtimes"] == ["onnxruntime"]
+    assert entries["openvino"]["runtimes"] == ["openvino"]
+    assert {"onnx", "openvino", "torch"} <= set(entries["onnx"]["made_by"])
+    import hashlib
+    assert entries["onnx"]["files"][0]["sha256"] == hashlib.sha256(files["model.onnx"]).hexdigest()
+    onnx_export.write_files(files, str(tmp_path))
+    images, _ = deploy.as_numpy(val[:1])
+    for fmt, runtime in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        scope = {"images": images}
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            exec(deploy.load_snippet(fmt, runtime, num_threads=1), scope)
+        finally:
+            os.chdir(cwd)
+        assert np.asarray(scope["logits"]).shape == (len(images), 3)
+    with pytest.raises(ConfigError, match="unknown artifact format 'tflite'; valid: "
+                                          "torchscript, onnx, openvino"):
+        deploy.load_snippet("tflite", "x")
