@@ -23,6 +23,11 @@ SILENCED = [
     # torchvision's quantizable blocks own a FloatFunctional that is unused when a block has no
     # residual connection; convert() asks its never-run observer for qparams and warns.
     (UserWarning, r"must run observer before calling calculate_qparams"),
+    # quantlab.onnx_export uses the TorchScript-based ONNX exporter on purpose (docs/export.md:
+    # it is the one that maps fake quantization to QuantizeLinear/DequantizeLinear).
+    (DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export"),
+    # ...and its setup_onnx_logging, called by every torch.onnx.export(dynamo=False):
+    (DeprecationWarning, r"The feature will be removed\. Please remove usage of this function"),
 ]
 
 

@@ -1,0 +1,231 @@
+"""The runtimes an artifact can run in, behind one small interface; and their timing child.
+
+    rt = get_runtime("onnxruntime")                 # or "torch-x86", "openvino", "openvino-f32"
+    rt.supports("onnx")                             # True
+    model = rt.load("model.onnx", num_threads=2)
+    logits = model.run(batch)                       # numpy float32 NCHW in, logits out
+
+Runtimes: torch (TorchScript, a quantized engine held for int8 files), ONNX Runtime (CPU
+execution provider, fixed intra-op threads, sequential), OpenVINO (CPU, PERFORMANCE_HINT
+LATENCY, INFERENCE_NUM_THREADS; "openvino-f32" also sets INFERENCE_PRECISION_HINT f32, since
+on AMX/avx512_bf16 CPUs OpenVINO runs float models in bf16 unless told otherwise).
+
+This module imports nothing from quantlab, and torch, onnxruntime and openvino only when a
+runtime loads a file: run as a script it is the child process that times artifacts (`serve`)
+and that predicts (`predict`), and it reports which modules it imported, so a test can show an
+exported artifact runs where neither quantlab nor torch is installed.
+
+    python runtimes.py predict < spec.json      # {"path", "runtime", "num_threads", "inputs", "output"}
+    python runtimes.py serve '<spec json>'      # then lines "time <batch> <n>" / "quit" on stdin
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Protocol
+
+if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]  # run as a script: quantlab's modules (data, export, ...) must not shadow others
+
+import numpy as np  # noqa: E402
+
+FORMATS = ("torchscript", "onnx", "openvino")
+_SUFFIXES = {".pt": "torchscript", ".onnx": "onnx", ".xml": "openvino"}
+
+
+class LoadedModel(Protocol):
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits (float32, [N, classes]) of a float32 NCHW batch."""
+
+
+class Runtime(Protocol):
+    name: str
+
+    def supports(self, format: str) -> bool:
+        """Whether this runtime runs artifacts of `format` (one of FORMATS)."""
+
+    def load(self, path: str, num_threads: int) -> LoadedModel:
+        """Load a local artifact file for inference with `num_threads` intra-op threads."""
+
+
+def format_of(path: str) -> str:
+    """The artifact format of a file, from its suffix (.pt, .onnx, .xml)."""
+    suffix = os.path.splitext(path)[1]
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"unknown artifact suffix {suffix!r} of {path}; valid: "
+                         f"{', '.join(_SUFFIXES)}")
+    return _SUFFIXES[suffix]
+
+
+class TorchRuntime:
+    """TorchScript in torch, holding quantized engine `engine` (None for float files)."""
+
+    def __init__(self, engine: str | None = None):
+        self.engine = engine
+        self.name = f"torch-{engine}" if engine else "torch"
+
+    def supports(self, format: str) -> bool:
+        return format == "torchscript"
+
+    def load(self, path: str, num_threads: int) -> LoadedModel:
+        import torch
+
+        engine = self.engine
+
+        def held(fn):  # the process-wide engine and threads, only while this model works
+            previous = torch.backends.quantized.engine, torch.get_num_threads()
+            if engine:
+                torch.backends.quantized.engine = engine
+            torch.set_num_threads(num_threads)
+            try:
+                return fn()
+            finally:
+                torch.backends.quantized.engine = previous[0]
+                torch.set_num_threads(previous[1])
+
+        module = held(lambda: torch.jit.load(path, map_location="cpu").eval())
+
+        class _Loaded:
+            def run(self, batch: np.ndarray) -> np.ndarray:
+                with torch.inference_mode():
+                    return held(lambda: module(torch.from_numpy(batch)).numpy())
+
+        return _Loaded()
+
+
+class OnnxRuntime:
+    """ONNX Runtime, CPU execution provider, `num_threads` intra-op threads, sequential."""
+
+    name = "onnxruntime"
+
+    def supports(self, format: str) -> bool:
+        return format == "onnx"
+
+    def load(self, path: str, num_threads: int) -> LoadedModel:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+
+        class _Loaded:
+            def run(self, batch: np.ndarray) -> np.ndarray:
+                return session.run(None, {input_name: batch})[0]
+
+        return _Loaded()
+
+
+class OpenVINORuntime:
+    """OpenVINO CPU plugin with a LATENCY hint and INFERENCE_NUM_THREADS; `precision` "f32"
+    forces f32 inference (default: the plugin's choice, bf16 on AMX CPUs)."""
+
+    def __init__(self, precision: str | None = None):
+        self.precision = precision
+        self.name = f"openvino-{precision}" if precision else "openvino"
+
+    def supports(self, format: str) -> bool:
+        return format == "openvino"
+
+    def load(self, path: str, num_threads: int) -> LoadedModel:
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": num_threads}
+        if self.precision:
+            config["INFERENCE_PRECISION_HINT"] = self.precision
+        compiled = ov.Core().compile_model(path, "CPU", config)
+        request = compiled.create_infer_request()
+
+        class _Loaded:
+            def run(self, batch: np.ndarray) -> np.ndarray:
+                request.infer({0: batch})
+                return request.get_output_tensor(0).data.copy()
+
+        return _Loaded()
+
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    TorchRuntime(), TorchRuntime("x86"), TorchRuntime("onednn"), TorchRuntime("fbgemm"),
+    TorchRuntime("qnnpack"), OnnxRuntime(), OpenVINORuntime(), OpenVINORuntime("f32"))}
+
+
+def get_runtime(name: str) -> Runtime:
+    """A runtime by name (see RUNTIMES)."""
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime {name!r}; valid: {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def runtimes_for(format: str, engine: str | None = None, int8: bool | None = None) -> list[str]:
+    """Names of the runtimes that run `format`: TorchScript in torch holding `engine` (int8)
+    or plain torch (float); ONNX in ONNX Runtime; IR in OpenVINO at its default precision, and
+    for float models (`int8` False; default: whether an engine is given) also at f32."""
+    int8 = engine is not None if int8 is None else int8
+    if format == "torchscript":
+        return [f"torch-{engine}" if engine else "torch"]
+    if format == "onnx":
+        return ["onnxruntime"]
+    if format == "openvino":
+        return ["openvino"] if int8 else ["openvino", "openvino-f32"]
+    raise ValueError(f"unknown artifact format {format!r}; valid: {', '.join(FORMATS)}")
+
+
+def imported_frameworks() -> list[str]:
+    """Which of quantlab, torch, onnxruntime, openvino this process has imported."""
+    return [m for m in ("quantlab", "torch", "onnxruntime", "openvino") if m in sys.modules]
+
+
+# -- the child process -------------------------------------------------------------------------
+def _predict_main() -> None:
+    """`predict`: logits of the batches in spec["inputs"] (.npy, N x C x H x W) -> spec["output"]."""
+    spec = json.loads(sys.stdin.read())
+    model = get_runtime(spec["runtime"]).load(spec["path"], spec["num_threads"])
+    images = np.load(spec["inputs"])
+    batch = spec.get("batch_size", 16)
+    logits = np.concatenate([model.run(np.ascontiguousarray(images[i:i + batch]))
+                             for i in range(0, len(images), batch)])
+    np.save(spec["output"], logits)
+    print(json.dumps({"modules": imported_frameworks()}))
+
+
+def _serve_main(spec: dict) -> None:
+    """`serve`: load once, warm up every batch size, then time calls on request (stdin lines)."""
+    t0 = time.perf_counter()
+    model = get_runtime(spec["runtime"]).load(spec["path"], spec["num_threads"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    rng = np.random.default_rng(0)
+    size, channels = spec["input_size"], spec.get("channels", 3)
+    inputs = {bs: rng.standard_normal((bs, channels, size, size), dtype=np.float32)
+              for bs in spec["batch_sizes"]}
+    for x in inputs.values():
+        for _ in range(spec["warmup"]):
+            model.run(x)
+    print(json.dumps({"ready": True, "load_ms": load_ms}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        bs, n = int(cmd[1]), int(cmd[2])
+        x, times = inputs[bs], []
+        for _ in range(n):
+            t = time.perf_counter()
+            model.run(x)
+            times.append(time.perf_counter() - t)
+        print(json.dumps(times), flush=True)
+    print(json.dumps({"modules": imported_frameworks()}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["predict"]:
+        _predict_main()
+    elif sys.argv[1:2] == ["serve"]:
+        _serve_main(json.loads(sys.argv[2]))
+    else:
+        sys.exit(f"usage: {os.path.basename(sys.argv[0])} predict|serve SPEC")
