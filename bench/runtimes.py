@@ -7,7 +7,7 @@ its IR in OpenVINO, NNCF's own PTQ in OpenVINO, and float in torch, ONNX Runtime
 MobileNetV2 (torchvision's quantizable one, 1000 classes) with random weights, calibrated on
 random images (timing does not depend on the values; accuracy is not measured here). The
 variants are built by quantlab's own functions (prepare, calibrate, convert; scripting as the
-pipeline stores it), exported with quantlab.deploy, and timed by quantlab.deploy.measure_runtimes:
+pipeline stores it), exported with quantlab.formats, and timed by quantlab.formats.measure_runtimes:
 one fresh process per (artifact, runtime), interleaved, same threads and batches. Prints a
 markdown table of medians and ratios, with the CPU's int8 flags and the load average.
 """
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from quantlab import deploy, export, models, onnx_export
+from quantlab import export, formats, models, onnx_export
 from quantlab.backend import get_backend
 from quantlab.bench import cpu_info
 from quantlab.config import PTQ_PRESETS
@@ -43,13 +43,13 @@ def build(input_size: int, num_calibration: int, tmp: str) -> dict[str, tuple[st
 
     fused = models.fuse(copy.deepcopy(float_model), is_qat=False)
     paths = store("float", {"model.torchscript.pt": export.artifact_bytes(fused),
-                            **deploy.export_float(fused, input_size)})
+                            **formats.export_float(fused, input_size)})
     out["float/torch"] = (paths["model.torchscript.pt"], "torch")
     out["float/onnxruntime"] = (paths["model.onnx"], "onnxruntime")
     out["float/openvino"] = (paths["model.xml"], "openvino")
     out["float/openvino-f32"] = (paths["model.xml"], "openvino-f32")
     t0 = time.perf_counter()
-    nncf = deploy.nncf_peer(open(paths["model.onnx"], "rb").read(), calibration)
+    nncf = formats.nncf_peer(open(paths["model.onnx"], "rb").read(), calibration)
     print(f"nncf-ptq: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     out["nncf-ptq/openvino"] = (store("nncf-ptq", nncf)["model.xml"], "openvino")
     backend = get_backend()
@@ -62,7 +62,7 @@ def build(input_size: int, num_calibration: int, tmp: str) -> dict[str, tuple[st
         int8 = backend.convert(observed, variant.engine)
         t0 = time.perf_counter()
         files = {"model.torchscript.pt": export.artifact_bytes(int8, variant.engine),
-                 **deploy.export_int8(int8, variant.engine, input_size)}
+                 **formats.export_int8(int8, variant.engine, input_size)}
         print(f"{name} export: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         paths = store(name, files)
         out[f"{name}/torch-x86"] = (paths["model.torchscript.pt"], "torch-x86")
@@ -85,11 +85,11 @@ def main() -> None:
         load_before = os.getloadavg()
         rows = []
         for n in args.threads:
-            rows += deploy.measure_runtimes(artifacts, args.input_size, args.batch_sizes, n,
+            rows += formats.measure_runtimes(artifacts, args.input_size, args.batch_sizes, n,
                                             args.warmup, args.iterations)
         load_after = os.getloadavg()
     print(f"CPU: {cpu_info()}; load average (1 min) {load_before[0]:.2f} before, "
-          f"{load_after[0]:.2f} after; {deploy.versions()}\n")
+          f"{load_after[0]:.2f} after; {formats.versions()}\n")
     cols = [(n, bs) for n in args.threads for bs in args.batch_sizes]
     by = {(r.variant, r.num_threads, r.batch_size): r for r in rows}
     nncf = {c: by[("nncf-ptq/openvino", *c)].latency_ms for c in cols}

@@ -15,12 +15,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from quantlab import data, deploy, export, models, onnx_export
+from quantlab import data, export, formats, models, onnx_export
 from quantlab.backend import get_backend
 from quantlab.config import PTQ_PRESETS, DataConfig
 from quantlab.errors import ConfigError
 from quantlab.train import train_one_epoch
-from tests.conftest import TINY_TRANSFORMS
+from tests.support import TINY_TRANSFORMS
 
 ENGINE = "x86"
 
@@ -60,7 +60,7 @@ def _qat(model, train):
 
 def _write(folder, int8, float_model) -> dict[str, str]:
     files = {"model.torchscript.pt": export.artifact_bytes(int8, ENGINE),
-             **deploy.export_int8(int8, ENGINE, 32),
+             **formats.export_int8(int8, ENGINE, 32),
              "float.pt": export.artifact_bytes(models.fuse(copy.deepcopy(float_model), False))}
     onnx_export.write_files(files, str(folder))
     return {name: str(folder / name) for name in files}
@@ -71,7 +71,7 @@ def _predict_in_child(path: str, runtime: str, images_path: str, tmp_path) -> tu
     out = str(tmp_path / f"logits-{runtime}.npy")
     spec = {"path": path, "runtime": runtime, "num_threads": 1, "inputs": images_path,
             "output": out}
-    proc = subprocess.run([sys.executable, "-W", "ignore", deploy.RUNTIME_TIMER, "predict"],
+    proc = subprocess.run([sys.executable, "-W", "ignore", formats.RUNTIME_TIMER, "predict"],
                           input=json.dumps(spec), capture_output=True, text=True,
                           cwd=str(tmp_path), env={k: v for k, v in os.environ.items()
                                                   if k != "PYTHONPATH"})
@@ -84,10 +84,10 @@ def test_export_runs_without_quantlab_or_torch_and_agrees(method, tiny, tmp_path
     model, calibration, val, train = tiny
     int8 = _ptq(model, calibration) if method == "ptq-per-channel" else _qat(model, train)
     paths = _write(tmp_path, int8, model)
-    images, labels = deploy.as_numpy(val)
+    images, labels = formats.as_numpy(val)
     np.save(tmp_path / "images.npy", images)
-    reference, _ = deploy.predict(paths["model.torchscript.pt"], f"torch-{ENGINE}", val)
-    float_logits, _ = deploy.predict(paths["float.pt"], "torch", val)
+    reference, _ = formats.predict(paths["model.torchscript.pt"], f"torch-{ENGINE}", val)
+    float_logits, _ = formats.predict(paths["float.pt"], "torch", val)
     graph = onnx.load(paths["model.onnx"]).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
@@ -104,15 +104,15 @@ def test_export_runs_without_quantlab_or_torch_and_agrees(method, tiny, tmp_path
         logits, modules = _predict_in_child(paths[file], runtime, str(tmp_path / "images.npy"),
                                             tmp_path)
         assert modules == [runtime], modules  # neither quantlab nor torch was imported
-        eq = deploy.compare_logits(logits, labels, float_logits, reference, runtime)
+        eq = formats.compare_logits(logits, labels, float_logits, reference, runtime)
         # The runtimes' int8 kernels round differently from fbgemm's (int32 biases, their own
         # requantization): on these 24 images of a barely separable tiny model (the QAT one
         # at ~54% top-1), OpenVINO flipped up to 4 near-tie predictions. What the graph
         # computes is checked exactly above; the run's rule (99% of val/) is the pipeline's.
         assert eq.agreement >= 75 and eq.num_images == 24, eq.reason
         # Its logits (3 classes, output step ~0.06) are the artifact's to a few output steps:
-        assert deploy.sqnr_db(reference, logits) > 10
-        assert eq.sqnr_db > 3 and eq.sqnr_db > deploy.sqnr_db(float_logits, reference) - 6
+        assert formats.sqnr_db(reference, logits) > 10
+        assert eq.sqnr_db > 3 and eq.sqnr_db > formats.sqnr_db(float_logits, reference) - 6
 
 
 def test_fallback_float_layers_stay_float(tiny, tmp_path):
@@ -127,8 +127,8 @@ def test_fallback_float_layers_stay_float(tiny, tmp_path):
     float_convs = [n for n in convs if n.input[1] not in producer
                    or producer[n.input[1]].op_type != "DequantizeLinear"]
     assert len(float_convs) == 1 and len(convs) > 1  # only the fallback's layer runs in float
-    images, _ = deploy.as_numpy(val)
-    reference, _ = deploy.predict(paths["model.torchscript.pt"], f"torch-{ENGINE}", val)
+    images, _ = formats.as_numpy(val)
+    reference, _ = formats.predict(paths["model.torchscript.pt"], f"torch-{ENGINE}", val)
     _graph_computes_the_torchscript_logits(paths["model.onnx"], images, reference)
 
 
@@ -163,13 +163,13 @@ def test_corrupted_scale_is_detected(tiny, tmp_path):
     else:
         attr = scale_of[q.input[1]].attribute[0]
         attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t) * 20))
-    good = deploy.check_equivalence(paths["model.onnx"], "onnxruntime",
+    good = formats.check_equivalence(paths["model.onnx"], "onnxruntime",
                                     paths["model.torchscript.pt"], f"torch-{ENGINE}",
                                     paths["float.pt"], val, num_threads=1)
     assert good.passed, good.reason
     bad = str(tmp_path / "bad.onnx")
     onnx.save(proto, bad)
-    eq = deploy.check_equivalence(bad, "onnxruntime", paths["model.torchscript.pt"],
+    eq = formats.check_equivalence(bad, "onnxruntime", paths["model.torchscript.pt"],
                                   f"torch-{ENGINE}", paths["float.pt"], val, num_threads=1)
     assert eq.passed is False
     assert "agrees with the TorchScript artifact on" in eq.reason
@@ -178,13 +178,13 @@ def test_corrupted_scale_is_detected(tiny, tmp_path):
 def test_nncf_peer_is_int8_openvino(tiny, tmp_path):
     model, calibration, val, _ = tiny
     fused = models.fuse(copy.deepcopy(model), False)
-    files = deploy.nncf_peer(deploy.export_float(fused, 32)["model.onnx"], calibration)
+    files = formats.nncf_peer(formats.export_float(fused, 32)["model.onnx"], calibration)
     assert set(files) == {"model.xml", "model.bin"}
     assert files["model.xml"].count(b'type="FakeQuantize"') > 10
     path = onnx_export.write_files(files, str(tmp_path / "nncf"))
     float_path = onnx_export.write_files({"float.pt": export.artifact_bytes(fused)},
                                          str(tmp_path / "float"))
-    eq = deploy.check_equivalence(path, "openvino", None, None, float_path, val, num_threads=1)
+    eq = formats.check_equivalence(path, "openvino", None, None, float_path, val, num_threads=1)
     assert eq.passed is None and eq.float_agreement >= 75
 
 
@@ -204,7 +204,7 @@ def test_measure_runtimes_times_each_pair_in_its_own_process(tiny, tmp_path):
     pairs = {"int8/onnxruntime": (paths["model.onnx"], "onnxruntime"),
              "int8/openvino": (paths["model.xml"], "openvino"),
              "int8/torch-x86": (paths["model.torchscript.pt"], "torch-x86")}
-    rows = deploy.measure_runtimes(pairs, 32, (1, 2), num_threads=1, warmup=1, iterations=5,
+    rows = formats.measure_runtimes(pairs, 32, (1, 2), num_threads=1, warmup=1, iterations=5,
                                    pause_s=0)
     assert sorted((r.variant, r.batch_size) for r in rows) == sorted(
         (k, b) for k in pairs for b in (1, 2))
@@ -212,13 +212,13 @@ def test_measure_runtimes_times_each_pair_in_its_own_process(tiny, tmp_path):
                for r in rows)
     with pytest.raises(ConfigError, match="runtime openvino cannot run .*model.onnx; valid for "
                                           "onnx: onnxruntime"):
-        deploy.measure_runtimes({"x": (paths["model.onnx"], "openvino")}, 32)
+        formats.measure_runtimes({"x": (paths["model.onnx"], "openvino")}, 32)
 
 
 def test_manifest_entries_and_load_snippets(tiny, tmp_path):
     model, calibration, val, _ = tiny
-    files = deploy.export_int8(_ptq(model, calibration), ENGINE, 32)
-    entries = {e["format"]: e for e in deploy.artifact_files(files, ENGINE)}
+    files = formats.export_int8(_ptq(model, calibration), ENGINE, 32)
+    entries = {e["format"]: e for e in formats.artifact_files(files, ENGINE)}
     assert set(entries) == {"onnx", "openvino"}
     assert [f["path"] for f in entries["openvino"]["files"]] == ["model.xml", "model.bin"]
     assert entries["onnx"]["runtimes"] == ["onnxruntime"]
@@ -227,16 +227,16 @@ def test_manifest_entries_and_load_snippets(tiny, tmp_path):
     import hashlib
     assert entries["onnx"]["files"][0]["sha256"] == hashlib.sha256(files["model.onnx"]).hexdigest()
     onnx_export.write_files(files, str(tmp_path))
-    images, _ = deploy.as_numpy(val[:1])
+    images, _ = formats.as_numpy(val[:1])
     for fmt, runtime in (("onnx", "onnxruntime"), ("openvino", "openvino")):
         scope = {"images": images}
         cwd = os.getcwd()
         os.chdir(tmp_path)
         try:
-            exec(deploy.load_snippet(fmt, runtime, num_threads=1), scope)
+            exec(formats.load_snippet(fmt, runtime, num_threads=1), scope)
         finally:
             os.chdir(cwd)
         assert np.asarray(scope["logits"]).shape == (len(images), 3)
     with pytest.raises(ConfigError, match="unknown artifact format 'tflite'; valid: "
                                           "torchscript, onnx, openvino"):
-        deploy.load_snippet("tflite", "x")
+        formats.load_snippet("tflite", "x")
