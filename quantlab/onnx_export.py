@@ -287,7 +287,7 @@ def qdq_initializers(data: bytes) -> bytes:
     by up to 3 output steps against the TorchScript artifact.
     """
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     model = onnx.load_from_string(data)
     graph = model.graph
@@ -299,7 +299,6 @@ def qdq_initializers(data: bytes) -> bytes:
             numpy_helper.to_array(node.attribute[0].t), node.output[0]))
         graph.node.remove(node)
     consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
     new_inits: list[onnx.TensorProto] = []
     removed: set[int] = set()
 
