@@ -134,14 +134,15 @@ def runner_deployments(specs: list[dict[str, Any]]):
     out = []
     for spec in specs:
         limit = spec.get("concurrency_limit")
-        out.append(load_flow_from_entrypoint(spec["entrypoint"]).to_deployment(
+        flow = load_flow_from_entrypoint(spec["entrypoint"])
+        out.append(flow.to_deployment(
             name=spec["name"], parameters=spec.get("parameters") or {},
             description=spec.get("description"),
             tags=spec.get("tags") or [], paused=spec.get("paused"),
             concurrency_limit=limit.get("limit") if isinstance(limit, dict) else limit,
             schedules=[_schedule_config_to_deployment_schedule(s) for s in spec.get("schedules") or []],
             triggers=_initialize_deployment_triggers(
-                f"{spec['entrypoint'].rsplit(':', 1)[-1]}/{spec['name']}", spec.get("triggers") or [])))
+                f"{flow.name}/{spec['name']}", spec.get("triggers") or [])))
     return out
 
 
