@@ -11,6 +11,9 @@ regression against the previous best-<model>, the run is recorded as rejected (`
 and the flow run fails with the gate's reason.
 Staging and the float evaluation are reused from an earlier run with the same content. The PTQ
 variants fan out on the flow's threads, or over a Dask cluster when `config.dask_address` is set.
+A run that a `quantlab.checkpoint.landed` event started (the deployment's trigger) takes the
+event's checkpoint and consults the store's seen-set first (quantlab.checkpoints); its
+manifest records what triggered it.
 """
 
 from __future__ import annotations

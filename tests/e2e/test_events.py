@@ -183,7 +183,7 @@ def test_deploy_registers_the_trigger_as_an_automation(deployed, prefect_server)
     action = automations[0].actions[0]
     assert action.type == "run-deployment" and action.deployment_id == d.id
     assert action.parameters["checkpoint"] == "{{ event.payload.checkpoint }}"
-    assert action.parameters["trigger"]["event_id"] == "{{ event.id }}"
+    assert action.parameters["trigger"]["event_id"] == "{{ event.id | string }}"
     assert [s.schedule.interval.total_seconds() for s in watcher.schedules] == [300]
     assert watcher.schedules[0].active is False
 
