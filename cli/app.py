@@ -7,6 +7,8 @@
     quantlab runs [--store URI]                       complete runs in a store
     quantlab show RUN|ALIAS [--store URI]             one run's manifest, results and choice
     quantlab pull RUN|ALIAS [--variant NAME|best] [--dest PATH]
+    quantlab announce CHECKPOINT_URI --model NAME [--store URI] [--force]
+                                                      emit the event that re-quantizes it
     quantlab deploy [--prefect-file deploy/prefect.yaml]  register the scheduled deployments
     quantlab serve [--prefect-file ...]                  serve them from this process
     quantlab bench [--model NAME] [--input-size N] [--threads 1,2] [--batch-sizes 1,8] ...
@@ -356,6 +358,67 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
                           f"{manifest.selected.variant} is outside its accuracy budget "
                           f"({manifest.selected.reason})", highlight=False, soft_wrap=True)
     console.print(f"wrote {path} (sha256 verified); load it with torch.jit.load")
+
+
+@app.command()
+def announce(checkpoint_uri: Annotated[str, typer.Argument(help="float checkpoint URI or path")],
+             model: Annotated[str, typer.Option(help="architecture name, as the quantize "
+                                                     "deployment's trigger matches it")],
+             store: Annotated[Optional[str], typer.Option(
+                 "--store", "-s", envvar="QUANTLAB_STORE",
+                 help="the quantize deployment's store: its seen-set skips content already "
+                 "quantized or rejected (without it, the run itself checks)")] = None,
+             storage_option: StorageOpts = None,
+             force: Annotated[bool, typer.Option(
+                 "--force", help="re-quantize content that was quantized or rejected")] = False,
+             ) -> None:
+    """Emit `quantlab.checkpoint.landed` for a new float checkpoint (PREFECT_API_URL's API).
+
+    The event's payload: the checkpoint URI, its sha256, the model name, `source: announce`
+    and `force`; its resource: quantlab.checkpoint.<sha256>, labelled quantlab.model=NAME.
+    """
+    import re
+
+    from quantlab import checkpoints
+    from quantlab.config import NAME_PATTERN
+    from quantlab.errors import ConfigError, NotFoundError
+    from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store
+
+    if not re.match(NAME_PATTERN, model):
+        raise ConfigError(f"--model {model!r} is not a model name (letters, digits, . _ -), "
+                          "e.g. mobilenet_v2")
+    _apply_storage_options(storage_option)
+    parent, name = checkpoints.split_uri(checkpoint_uri)
+    if not Store(parent, retry_delays=PREFLIGHT_RETRY_DELAYS).exists(name):
+        raise NotFoundError(f"checkpoint {checkpoint_uri} does not exist (or cannot be read)")
+    if store:
+        seen = checkpoints.CheckpointRegistry(Store(store, retry_delays=PREFLIGHT_RETRY_DELAYS))
+        sha256 = seen.identify(checkpoint_uri)
+        record, new = seen.remember(sha256, checkpoint_uri, model)
+    else:
+        sha256, record, new = checkpoints.sha256_of(checkpoint_uri), None, True
+    from quantlab_tasks.events import api_url, emit
+
+    if not api_url():
+        err_console.print("[yellow]warning:[/yellow] PREFECT_API_URL is not set: the event goes "
+                          "to an ephemeral Prefect API that ends with this command, so no "
+                          "deployment sees it; set PREFECT_API_URL to your server's API "
+                          "(e.g. http://127.0.0.1:4200/api)", highlight=False, soft_wrap=True)
+    why = checkpoints.already_handled(record) or (
+        None if new else "already announced, its run has not recorded an outcome yet")
+    if why and not force:
+        sent = emit(checkpoints.DUPLICATE, sha256, model, checkpoint_uri, flush=True,
+                    run_id=record.run_id, outcome=record.outcome, message=why)
+        console.print(f"{checkpoint_uri} (sha256 {sha256[:12]}): {why}; not announced "
+                      f"(--force re-quantizes it)", highlight=False, soft_wrap=True)
+    else:
+        if why and record.outcome != "pending":
+            seen.reset(sha256)
+        sent = emit(checkpoints.LANDED, sha256, model, checkpoint_uri, flush=True,
+                    source="announce", force=force)
+        console.print(f"emitted {sent['event']} for {checkpoint_uri} (sha256 {sha256[:12]})",
+                      highlight=False, soft_wrap=True)
+    console.print_json(json.dumps(sent))
 
 
 PrefectFileOpt = Annotated[Optional[str], typer.Option(

@@ -128,17 +128,21 @@ def runner_deployments(specs: list[dict[str, Any]]):
     """RunnerDeployments (for serve) built from prefect.yaml deployment specs, entrypoints
     relative to the current directory."""
     from prefect.cli.deploy._schedules import _schedule_config_to_deployment_schedule
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
     from prefect.flows import load_flow_from_entrypoint
 
     out = []
     for spec in specs:
         limit = spec.get("concurrency_limit")
-        out.append(load_flow_from_entrypoint(spec["entrypoint"]).to_deployment(
+        flow = load_flow_from_entrypoint(spec["entrypoint"])
+        out.append(flow.to_deployment(
             name=spec["name"], parameters=spec.get("parameters") or {},
             description=spec.get("description"),
             tags=spec.get("tags") or [], paused=spec.get("paused"),
             concurrency_limit=limit.get("limit") if isinstance(limit, dict) else limit,
-            schedules=[_schedule_config_to_deployment_schedule(s) for s in spec.get("schedules") or []]))
+            schedules=[_schedule_config_to_deployment_schedule(s) for s in spec.get("schedules") or []],
+            triggers=_initialize_deployment_triggers(
+                f"{flow.name}/{spec['name']}", spec.get("triggers") or [])))
     return out
 
 

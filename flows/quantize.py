@@ -11,6 +11,9 @@ regression against the previous best-<model>, the run is recorded as rejected (`
 and the flow run fails with the gate's reason.
 Staging and the float evaluation are reused from an earlier run with the same content. The PTQ
 variants fan out on the flow's threads, or over a Dask cluster when `config.dask_address` is set.
+A run that a `quantlab.checkpoint.landed` event started (the deployment's trigger) takes the
+event's checkpoint and consults the store's seen-set first (quantlab.checkpoints); its
+manifest records what triggered it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from quantlab import pipeline
 from quantlab.config import RunConfig
-from quantlab.errors import RegressionError
+from quantlab.errors import CheckpointError, RegressionError
 from quantlab.pipeline import Outcome
-from quantlab_tasks import setup_logging, steps
+from quantlab_tasks import events, setup_logging, steps
+from quantlab_tasks.events import CheckpointTrigger
 from quantlab_tasks.progress import Progress
 from quantlab_tasks.runners import fan_out
 
@@ -38,18 +42,41 @@ def with_flow_run_id(config: RunConfig) -> RunConfig:
     return config
 
 
+def with_checkpoint(config: RunConfig, checkpoint: str | None) -> RunConfig:
+    """The config with the float checkpoint that an event named (None: the config's own)."""
+    if not checkpoint:
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(
+        update={"checkpoint": checkpoint})})
+
+
 @flow(name="quantize", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def quantize(config: RunConfig, validated: bool = False) -> Outcome:
+def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None = None,
+             trigger: CheckpointTrigger | None = None) -> Outcome | None:
     """Quantize a float classifier with PTQ and QAT, benchmark, and store everything.
 
     `validated`: the caller has already run the preflight checks (`quantlab run` does, before
     Prefect starts); a scheduled or triggered run leaves it False.
+    `checkpoint`: a float checkpoint URI that replaces the config's (a deployment trigger
+    templates it from a `quantlab.checkpoint.landed` event); `trigger`: that event. A
+    triggered run first consults the store's seen-set: content already quantized (or
+    rejected) ends the run at once with a log line and an event, unless `trigger.force`.
     """
     setup_logging()
-    config = with_flow_run_id(config)
+    config = with_flow_run_id(with_checkpoint(config, checkpoint))
+    sha256 = None
+    if trigger is not None:
+        sha256 = events.claim(config, trigger)
+        if sha256 is None:
+            return None
     progress = Progress(run_label=config.model.name)
     if not validated:
-        steps.preflight(config)
+        try:
+            steps.preflight(config)
+        except CheckpointError as e:  # bad file, wrong classes: remembered, not retried
+            if sha256 is not None:
+                events.record_outcome(config, sha256, reason=str(e))
+            raise
     progress.done("validate")
     staged = steps.stage_data(config)  # decodes every image: bad data fails before any write
     progress.done("stage")
@@ -85,8 +112,11 @@ def quantize(config: RunConfig, validated: bool = False) -> Outcome:
     if config.gate.enabled:
         gate = steps.regression_gate(config, run, staged, results, selected)
     progress.done("gate")
-    outcome = steps.finalize(config, run, staged, results, rows, selected, epochs, ranking, gate)
+    outcome = steps.finalize(config, run, staged, results, rows, selected, epochs, ranking, gate,
+                             events.trigger_info(trigger, sha256))
     progress.done("report")
+    if sha256 is not None:
+        events.record_outcome(config, sha256, run_id=run.run_id)
     if gate is not None and not gate.passed:
         raise RegressionError(f"run {run.run_id} rejected, best-{config.model.name} not moved: "
                               f"{gate.reason}")

@@ -55,7 +55,7 @@ from quantlab.errors import ConfigError, DataError, NotFoundError
 from quantlab.evaluate import EvalResult, evaluate
 from quantlab.ptq import calibrate, calibration_loader, quantize_ptq
 from quantlab.registry import (ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow,
-                               Selection)
+                               Selection, TriggerInfo)
 from quantlab.selection import comparison, float_baseline_warnings
 from quantlab.selection import select as select_variant
 from quantlab.sensitivity import FallbackStep, LayerSensitivity, SensitivityResult
@@ -411,7 +411,7 @@ def versions() -> dict[str, str]:
 def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
              rows: list[ResultRow], selected: Selection, epochs: list[dict] | None = None,
              ranking: SensitivityResult | None = None,
-             gate: GateVerdict | None = None) -> Outcome:
+             gate: GateVerdict | None = None, trigger: TriggerInfo | None = None) -> Outcome:
     """Plot, write the report, then the manifest (last), then the aliases.
 
     A run whose regression gate failed is complete but "rejected": its manifest and report
@@ -436,7 +436,8 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
         checkpoint_layout=next((r.checkpoint_layout for r in results if r.method == "float"), None),
         warnings=warnings,
         artifacts=[r.artifact for r in results], results=rows, selected=selected, gate=gate,
-        report={"markdown": "report/report.md", "plot": "report/comparison.png"})
+        report={"markdown": "report/report.md", "plot": "report/comparison.png"},
+        trigger=trigger)
     fallback = next(((r.variant, r.fallback_steps) for r in results if r.fallback_steps), None)
     links = report_links(store, manifest)
     store.write_bytes(f"{base}/report/report.md",

@@ -114,6 +114,14 @@ class DatasetInfo(_Strict):
     skipped_images: list[str] = []          # undecodable images left out (skip_bad_images)
 
 
+class TriggerInfo(_Strict):
+    """What started a run: a schedule, a checkpoint event (announce, watcher) or a person."""
+
+    kind: Literal["schedule", "announce", "watcher", "manual"]
+    event_id: str | None = None             # the Prefect event that started it
+    checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
 class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     run_id: str = Field(pattern=_NAME)
@@ -133,6 +141,7 @@ class Manifest(_Strict):
     gate: GateVerdict | None = None         # None: the gate was disabled
     warnings: list[str] = []                # what looked wrong (e.g. a broken float baseline)
     report: dict[str, str] = {}             # name -> path relative to the run folder
+    trigger: TriggerInfo | None = None      # None: a run from before triggers were recorded
 
     def artifact(self, variant: str) -> ArtifactEntry:
         if variant == "best":

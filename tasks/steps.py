@@ -28,7 +28,7 @@ from quantlab.errors import QuantlabError, StoreError
 from quantlab.evaluate import EvalResult
 from quantlab.report import percent
 from quantlab.pipeline import Outcome, RunInfo, VariantResult
-from quantlab.registry import ArtifactEntry, GateVerdict, ResultRow, Selection
+from quantlab.registry import ArtifactEntry, GateVerdict, ResultRow, Selection, TriggerInfo
 from quantlab.sensitivity import SensitivityResult
 from quantlab_tasks.caching import dataset_key, float_eval_key, log_cache_hit
 from quantlab_tasks.progress import Progress
@@ -219,14 +219,15 @@ def regression_gate(config: RunConfig, run: RunInfo, staged: StagedData,
       timeout_seconds=TIMEOUTS["report"], **IO_RETRIES)
 def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
              rows: list[ResultRow], selected: Selection, epochs: list[dict],
-             ranking: SensitivityResult | None, gate: GateVerdict | None) -> Outcome:
+             ranking: SensitivityResult | None, gate: GateVerdict | None,
+             trigger: TriggerInfo | None = None) -> Outcome:
     """Report, write the manifest (last) and move the aliases; publish UI artifacts.
 
     The UI's report shows the plot inline (a data: URI: the UI cannot read the store) and
     links every stored artifact, the PNG included.
     """
     outcome = pipeline.finalize(config, run, staged, results, rows, selected, epochs, ranking,
-                                gate)
+                                gate, trigger)
     publish(outcome)
     return outcome
 

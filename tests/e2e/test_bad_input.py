@@ -348,3 +348,17 @@ def test_undecodable_image_is_named_before_the_run_starts(prefect, inputs, tiny_
 def test_bench_refuses_bad_settings(args, needle, tmp_path, quantlab_cli):
     check_refused(quantlab_cli("bench", *args, "--store", str(tmp_path / "store")), needle)
     assert not (tmp_path / "store").exists()
+
+
+def test_announce_refuses_a_checkpoint_it_cannot_read(s3_endpoint, quantlab_cli, tmp_path):
+    """One line, exit 2, before Prefect is imported or an event is emitted."""
+    out = quantlab_cli("announce", str(tmp_path / "nope" / "model.pth"), "--model", "mobilenet_v2")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "nope/model.pth does not exist" in out.stderr and "emitted" not in out.stdout
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    out = quantlab_cli("announce", "s3://no-such-bucket-here/m/model.pth", "--model",
+                       "mobilenet_v2", env=env)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "s3://no-such-bucket-here/m/model.pth" in out.stderr
+    out = quantlab_cli("announce", str(tmp_path), "--model", "../x")
+    assert out.returncode == 2 and "--model '../x' is not a model name" in out.stderr

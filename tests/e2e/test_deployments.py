@@ -150,8 +150,26 @@ def test_serve_builds_the_files_deployments(monkeypatch):
     for spec in specs:
         d = served[spec["name"]]
         assert d.entrypoint == spec["entrypoint"] and d.parameters == spec["parameters"]
-        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [
-            (s["cron"], s["timezone"], s["active"]) for s in spec["schedules"]]
+        assert [schedule_of(s.schedule) + (s.active,) for s in d.schedules] == [
+            (s.get("cron"), s.get("timezone"), seconds(s.get("interval")), s["active"])
+            for s in spec["schedules"]]
+        assert [t.expect for t in d.triggers] == [set(t["expect"]) for t in spec.get("triggers", [])]
+
+
+def seconds(interval) -> float | None:
+    """An interval of prefect.yaml (seconds, or the ISO duration its loader makes of them)."""
+    from datetime import timedelta
+
+    from pydantic import TypeAdapter
+
+    return None if interval is None else TypeAdapter(timedelta).validate_python(interval).total_seconds()
+
+
+def schedule_of(schedule) -> tuple:
+    """(cron, timezone, interval seconds) of a cron or an interval schedule."""
+    interval = getattr(schedule, "interval", None)
+    return (getattr(schedule, "cron", None), getattr(schedule, "timezone", None) if interval is None
+            else None, interval.total_seconds() if interval is not None else None)
 
 
 # -- a worker runs it; the UI shows it ----------------------------------------------------------

@@ -1,0 +1,257 @@
+"""The float checkpoints a store has seen: by content, with what became of each.
+
+A training job writes checkpoints under prefixes (`s3://models/mobilenet_v2/2026-12-01/model.pth`);
+`quantlab announce` or the watcher flow tells Prefect about each new one, and the `quantize`
+flow records the outcome here. Identity is the sha256 of the bytes, so the same content under
+another key is the same checkpoint, quantized once:
+
+    <store>/checkpoints/content/<sha256>.json   one record per content: model, URIs, outcome
+    <store>/checkpoints/uris/<sha256 of URI>.json   URI -> (ETag, sha256): an unchanged object
+                                                is not downloaded again to hash it
+
+    seen = CheckpointRegistry(Store("s3://quantlab/lab"))
+    for new in seen.discover(["s3://models/mobilenet_v2/"], model="mobilenet_v2"):
+        ...  # emit one event per new content (flows/watch.py)
+    seen.mark_quantized(sha256, run_id="20261201-013000-ab12cd")
+
+Outcomes: pending (announced, not finished), quantized (as run R: promoted or not, the gate
+decides), rejected (the checkpoint failed validation, with the one-line reason). A rejected
+or quantized checkpoint is not announced again unless forced; nothing here imports prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantlab.config import NAME_PATTERN
+from quantlab.errors import CheckpointError, NotFoundError
+from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store, list_files, normalize_uri
+
+log = logging.getLogger(__name__)
+PREFIX = "checkpoints"
+SUFFIXES = (".pth", ".pt")          # what the watcher takes for a float checkpoint
+# Prefect event names (built here as plain dicts; tasks/ emits them).
+LANDED = "quantlab.checkpoint.landed"                    # a new checkpoint: quantize it
+DUPLICATE = "quantlab.checkpoint.already-quantized"     # same content again: nothing to do
+REJECTED = "quantlab.checkpoint.rejected"                # it failed validation
+QUANTIZED = "quantlab.checkpoint.quantized"              # the run finished
+SOURCES = ("announce", "watcher")                        # who emitted a `landed` event
+Outcome = Literal["pending", "quantized", "rejected"]
+
+
+class CheckpointRecord(BaseModel):
+    """One checkpoint content and what became of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model: str = Field(pattern=NAME_PATTERN)
+    uris: list[str]                          # every URI it was seen under, first first
+    outcome: Outcome = "pending"
+    run_id: str | None = None                # quantized as this run
+    reason: str | None = None                # why it was rejected (one line)
+    event_id: str | None = None              # the event that announced it
+    first_seen: datetime
+    updated_at: datetime
+
+
+class UriEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str
+    etag: str                                # "" where the backend has none: always re-hash
+    sha256: str
+
+
+class NewCheckpoint(BaseModel):
+    """A checkpoint content the store had not seen, found under a watched prefix."""
+
+    uri: str
+    sha256: str
+    model: str
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(parent folder URI, file name) of an object URI or local path."""
+    uri = normalize_uri(uri)
+    parent, name = posixpath.split(uri.rstrip("/"))
+    if not name:
+        raise CheckpointError(f"checkpoint {uri!r} names a folder, not a file")
+    return parent, name
+
+
+def sha256_of(uri: str, options: dict[str, Any] | None = None,
+              retry_delays: tuple[float, ...] = PREFLIGHT_RETRY_DELAYS) -> str:
+    """The sha256 of an object's bytes, streamed in 1 MiB chunks.
+
+    Gives up after a few seconds on an endpoint that does not answer; a missing object is a
+    NotFoundError naming the URI.
+    """
+    parent, name = split_uri(uri)
+    digest = hashlib.sha256()
+    with Store(parent, options, retry_delays).open(name) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def etag_of(uri: str, options: dict[str, Any] | None = None) -> str:
+    """The object's ETag (or size+mtime of a local file); NotFoundError if it does not exist."""
+    files = list_files(uri, options)
+    if len(files) != 1:
+        raise NotFoundError(f"checkpoint {uri} does not exist (or is a folder); expected one file")
+    return files[0].etag
+
+
+def already_handled(record: CheckpointRecord | None) -> str | None:
+    """Why a checkpoint needs no new run ("already quantized as run R", "rejected: ..."), or None."""
+    if record is None or record.outcome == "pending":
+        return None
+    if record.outcome == "quantized":
+        return f"already quantized as run {record.run_id}"
+    return f"rejected earlier: {record.reason}"
+
+
+def event_spec(event: str, sha256: str, model: str, uri: str, **payload: Any) -> dict[str, Any]:
+    """The keyword arguments of prefect.events.emit_event for a checkpoint event.
+
+    The resource is the content (`quantlab.checkpoint.<sha256>`), labelled with the model, so
+    that a deployment's trigger matches `quantlab.model`. The payload holds URIs, hashes and
+    names only: never credentials or storage options.
+    """
+    return {"event": event,
+            "resource": {"prefect.resource.id": f"quantlab.checkpoint.{sha256}",
+                         "prefect.resource.name": uri, "quantlab.model": model},
+            "payload": {"checkpoint": uri, "sha256": sha256, "model": model, **payload}}
+
+
+class CheckpointRegistry:
+    """The seen-set of a store: checkpoint contents, their URIs, and their outcomes."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    # -- paths ---------------------------------------------------------------------------
+    @staticmethod
+    def _record_path(sha256: str) -> str:
+        return f"{PREFIX}/content/{sha256}.json"
+
+    @staticmethod
+    def _uri_path(uri: str) -> str:
+        return f"{PREFIX}/uris/{hashlib.sha256(normalize_uri(uri).encode()).hexdigest()}.json"
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, sha256: str) -> CheckpointRecord | None:
+        """The record of a content, or None if the store has not seen it."""
+        rel = self._record_path(sha256)
+        if not self.store.exists(rel):
+            return None
+        return CheckpointRecord.model_validate(self.store.read_json(rel))
+
+    def records(self) -> list[CheckpointRecord]:
+        """Every record, oldest first (one listing of checkpoints/content/)."""
+        out = [CheckpointRecord.model_validate(self.store.read_json(f"{PREFIX}/content/{f.relpath}"))
+               for f in self.store.find(f"{PREFIX}/content") if f.relpath.endswith(".json")]
+        return sorted(out, key=lambda r: r.first_seen)
+
+    def identify(self, uri: str, etag: str | None = None,
+                 options: dict[str, Any] | None = None) -> str:
+        """The sha256 of the object at `uri`; hashed only if its ETag changed since last time.
+
+        `etag`: from a listing the caller already made (the watcher's); None: look it up.
+        """
+        uri = normalize_uri(uri)
+        if etag is None:
+            etag = etag_of(uri, options)
+        rel = self._uri_path(uri)
+        if etag and self.store.exists(rel):
+            known = UriEntry.model_validate(self.store.read_json(rel))
+            if known.etag == etag:
+                return known.sha256
+        sha256 = sha256_of(uri, options)
+        self.store.write_json(rel, UriEntry(uri=uri, etag=etag, sha256=sha256).model_dump())
+        return sha256
+
+    # -- writes --------------------------------------------------------------------------
+    def remember(self, sha256: str, uri: str, model: str,
+                 event_id: str | None = None) -> tuple[CheckpointRecord, bool]:
+        """Record `uri` as holding content `sha256`; returns (record, whether the content is new).
+
+        A new content is recorded as pending; a known one gains the URI and keeps its outcome.
+        """
+        uri = normalize_uri(uri)
+        record = self.get(sha256)
+        now = _now()
+        if record is None:
+            record = CheckpointRecord(sha256=sha256, model=model, uris=[uri], event_id=event_id,
+                                      first_seen=now, updated_at=now)
+            self._write(record)
+            return record, True
+        if uri not in record.uris:
+            record = record.model_copy(update={"uris": [*record.uris, uri], "updated_at": now})
+            self._write(record)
+        return record, False
+
+    def reset(self, sha256: str, event_id: str | None = None) -> CheckpointRecord:
+        """Back to pending (a forced re-quantization); the URIs are kept."""
+        record = self._require(sha256)
+        record = record.model_copy(update={"outcome": "pending", "run_id": None, "reason": None,
+                                           "event_id": event_id or record.event_id,
+                                           "updated_at": _now()})
+        self._write(record)
+        return record
+
+    def mark_quantized(self, sha256: str, run_id: str) -> CheckpointRecord:
+        """The content was quantized as run `run_id` (whether the gate promoted it or not)."""
+        return self._set(sha256, outcome="quantized", run_id=run_id, reason=None)
+
+    def mark_rejected(self, sha256: str, reason: str) -> CheckpointRecord:
+        """The content failed validation: remembered, so it is not tried again unless forced."""
+        return self._set(sha256, outcome="rejected", run_id=None, reason=reason.splitlines()[0])
+
+    def discover(self, prefixes: list[str], model: str, suffixes: tuple[str, ...] = SUFFIXES,
+                 options: dict[str, Any] | None = None) -> list[NewCheckpoint]:
+        """Checkpoints under `prefixes` whose content the store has not seen, now remembered.
+
+        One recursive (paginated) listing per prefix; an object whose ETag is unchanged since
+        it was last hashed is not read again. The same new content under two keys is one
+        checkpoint (the first key, in listing order).
+        """
+        found: list[NewCheckpoint] = []
+        for prefix in prefixes:
+            root = normalize_uri(prefix).rstrip("/")
+            for f in list_files(root, options):
+                if not f.relpath.endswith(suffixes):
+                    continue
+                uri = f"{root}/{f.relpath}"
+                sha256 = self.identify(uri, f.etag, options)
+                record, new = self.remember(sha256, uri, model)
+                if new:
+                    found.append(NewCheckpoint(uri=uri, sha256=sha256, model=model))
+                elif why := already_handled(record):
+                    log.debug("%s: %s", uri, why)
+        return found
+
+    def _require(self, sha256: str) -> CheckpointRecord:
+        record = self.get(sha256)
+        if record is None:
+            raise NotFoundError(f"checkpoint content {sha256} is not in {self.store.uri(PREFIX)}")
+        return record
+
+    def _set(self, sha256: str, **update: Any) -> CheckpointRecord:
+        record = self._require(sha256).model_copy(update={**update, "updated_at": _now()})
+        self._write(record)
+        return record
+
+    def _write(self, record: CheckpointRecord) -> None:
+        self.store.write_json(self._record_path(record.sha256), record.model_dump(mode="json"))
