@@ -146,7 +146,7 @@ def _print_outcome(outcome) -> None:
 CacheDirOpt = Annotated[Optional[str], typer.Option(
     help="local cache of staged data (default ~/.cache/quantlab)")]
 NprocOpt = Annotated[Optional[int], typer.Option(
-    "--nproc-per-node", "--world-size", min=1,
+    "--nproc-per-node", "--world-size",
     help="QAT gloo workers on this node (--world-size: its old name)")]
 
 
@@ -519,7 +519,7 @@ def main() -> None:
     # handler during a flow; before one, the error message that follows says it all.
     logging.getLogger("quantlab").addHandler(logging.NullHandler())
     try:
-        app(standalone_mode=False)
+        app(prog_name="quantlab", standalone_mode=False)
     except QuantlabError as e:
         if _state["debug"]:
             raise
