@@ -38,7 +38,7 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
-from quantlab import models
+from quantlab import algorithms, models
 from quantlab.config import VariantConfig
 from quantlab.errors import ConfigError
 
@@ -78,6 +78,14 @@ class QuantBackend(Protocol):
     def convert(self, model: nn.Module, engine: str) -> nn.Module:
         """A new int8 model (CPU, eval) from an observed or QAT model; the input is untouched."""
 
+    def apply_after_convert(self, float_fused: nn.Module, int8: nn.Module,
+                            variant: VariantConfig, batches) -> nn.Module:
+        """The variant's post-convert algorithms (bias correction) on `int8`, in place.
+
+        `float_fused` is the model `prepare_ptq` fused (in place); `batches` the calibration
+        batches (re-iterable). Returns `int8`; does nothing for a variant without them.
+        """
+
     def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
         """A train-mode float model, fused for QAT, with fake quantization inserted."""
 
@@ -107,7 +115,8 @@ def qconfig_for(variant: VariantConfig) -> tq.QConfig:
     """The QConfig of a PTQ variant.
 
     ptq-minmax builds `default_qconfig` (per-tensor MinMax, activations 0..127) and ptq-x86
-    builds `get_default_qconfig("x86")` (histogram activations, per-channel weights).
+    builds `get_default_qconfig("x86")` (histogram activations, per-channel weights);
+    "percentile" activations are quantlab.algorithms.PercentileObserver.
     """
     reduce_range = variant.reduce_range
     if reduce_range is None:
@@ -117,6 +126,8 @@ def qconfig_for(variant: VariantConfig) -> tq.QConfig:
         "minmax": tq.MinMaxObserver.with_args(quant_min=0, quant_max=qmax),
         "moving_average_minmax": tq.MovingAverageMinMaxObserver.with_args(quant_min=0, quant_max=qmax),
         "histogram": tq.HistogramObserver.with_args(reduce_range=reduce_range),
+        "percentile": algorithms.PercentileObserver.with_args(
+            percentile=variant.activation_percentile, reduce_range=reduce_range),
     }[variant.activation_observer]
     weight = {
         "minmax": tq.default_weight_observer,
@@ -134,6 +145,8 @@ class EagerBackend:
                     float_layers: Sequence[str] = ()) -> nn.Module:
         check_engine(variant.engine)
         models.fuse(model, is_qat=False)
+        if variant.cross_layer_equalization:
+            algorithms.equalize(model)
         known = {layer.name for layer in self.quantizable_layers(model)}
         unknown = sorted(set(float_layers) - known)
         if unknown:
@@ -160,6 +173,8 @@ class EagerBackend:
     def prepare_isolated(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
         check_engine(variant.engine)
         models.fuse(model, is_qat=False)
+        if variant.cross_layer_equalization:
+            algorithms.equalize(model)
         qconfig = qconfig_for(variant)
         for layer in self.quantizable_layers(model):
             wrapper = tq.QuantWrapper(model.get_submodule(layer.name))
@@ -173,6 +188,13 @@ class EagerBackend:
         snapshot = copy.deepcopy(model).cpu().eval()
         with engine_context(engine):
             return tq.convert(snapshot, inplace=True).eval()
+
+    def apply_after_convert(self, float_fused: nn.Module, int8: nn.Module,
+                            variant: VariantConfig, batches) -> nn.Module:
+        if variant.bias_correction:
+            with engine_context(variant.engine):  # the corrected weights are packed again
+                algorithms.correct_bias(float_fused, int8, batches)
+        return int8
 
     def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
         check_engine(engine)
