@@ -162,6 +162,6 @@ def test_a_cle_bc_preset_quantizes_mobilenet_v2_end_to_end():
     calib = [torch.randn(2, 3, 16, 16)]
     x = torch.randn(2, 3, 16, 16)
     reference = model(x)
-    _, int8 = _int8(copy.deepcopy(model), PTQ_PRESETS["ptq-x86-cle-bc"], calib)
+    _, int8 = _int8(copy.deepcopy(model), PTQ_PRESETS["ptq-minmax-cle-bc"], calib)
     scripted = torch.jit.script(int8)
     assert scripted(x).shape == reference.shape
