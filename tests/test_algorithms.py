@@ -133,7 +133,8 @@ def test_percentile_observer_clips_outliers():
         obs(values)
         scale, _ = obs.calculate_qparams()
         ranges[p] = float(scale) * 255
-    assert ranges[99.9] < 20 < 1000 < ranges[100.0]  # 99.9% of N(0, 1) lies within +-3.3
+    assert ranges[99.9] < 20  # 99.9% of N(0, 1) lies within +-3.3
+    assert ranges[100.0] > 1000  # the outlier
     with pytest.raises(ConfigError, match="percentile 40"):
         algorithms.PercentileObserver(percentile=40)
 

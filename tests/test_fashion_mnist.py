@@ -94,7 +94,8 @@ def test_broken_idx_files_are_named(idx_dir, tmp_path):
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz is not an idx file"):
         data.seed_fashion_mnist(Store(str(tmp_path / "s1")), str(idx_dir))
     _write_idx(idx_dir / "t10k-images-idx3-ubyte", np.zeros((10, 28, 28)))
-    raw = gzip.open(images).read()
+    with gzip.open(images) as f:
+        raw = f.read()
     with gzip.open(images, "wb") as f:
         f.write(raw[:-100])
     with pytest.raises(DataError, match="truncated"):
