@@ -43,8 +43,8 @@ ABLATIONS = {
         update={"name": "ptq-minmax-bc", "bias_correction": True}),
 }
 VARIANTS = {**PTQ_PRESETS, **ABLATIONS}
-DEFAULT = ("ptq-minmax,ptq-minmax-cle,ptq-minmax-bc,ptq-minmax-cle-bc,ptq-x86,ptq-x86-cle-bc,"
-           "ptq-x86-percentile")
+DEFAULT = ("ptq-minmax,ptq-minmax-cle-bc,ptq-x86,ptq-x86-cle-bc,ptq-x86-percentile,"
+           "ptq-minmax-cle,ptq-minmax-bc")
 NUM_CALIBRATION_BATCHES = 32  # of data.batch_size (32) images: the tutorial's calibration
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -66,13 +66,14 @@ DIGITS = Recipe(
     transforms=TransformConfig(input_size=32, resize_size=32, mean=(0.30, 0.30, 0.30),
                                std=(0.38, 0.38, 0.38), train_crop_scale=(0.75, 1.0), hflip=False))
 # An ordinary recipe, not tuned for quantization: the usual one-cycle SGD to a peak of 0.1 with
-# MobileNet's weight decay (4e-5), 3 epochs on 30,000 of the 60,000 training images (about 87%
-# top-1 on the 10,000 test images). Fashion-MNIST pixels: mean ~0.29, std ~0.35.
+# MobileNet's weight decay (4e-5), light augmentation (crops of 75-100%, flips), 3 epochs on
+# 30,000 of the 60,000 training images: 77.75% top-1 on the 10,000 test images (measured,
+# bench/fashion_mnist.py). Fashion-MNIST pixels: mean ~0.29, std ~0.35.
 FASHION_MNIST = Recipe(
     dataset="fashion-mnist", model_kwargs={"width_mult": 1.0}, epochs=3, max_lr=0.1,
     weight_decay=4e-5, max_train_images=30_000,
     transforms=TransformConfig(input_size=32, resize_size=32, mean=(0.29, 0.29, 0.29),
-                               std=(0.35, 0.35, 0.35), train_crop_scale=(1.0, 1.0), hflip=False))
+                               std=(0.35, 0.35, 0.35), train_crop_scale=(0.75, 1.0), hflip=True))
 RECIPES = {r.dataset: r for r in (DIGITS, FASHION_MNIST)}
 
 # The default dataset's settings, by their older names.
