@@ -42,7 +42,7 @@ from torch.ao.nn.intrinsic import qat as nniqat
 from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
-from quantlab import models
+from quantlab import algorithms, models
 from quantlab.config import VariantConfig
 from quantlab.errors import ConfigError
 
@@ -82,7 +82,8 @@ class QuantBackend(Protocol):
 
 @runtime_checkable
 class MixedPrecisionBackend(QuantBackend, Protocol):
-    """A backend that can keep chosen layers in float and quantize layers one at a time."""
+    """A backend that can keep chosen layers in float, quantize layers one at a time, and
+    correct a converted model layer by layer (eager mode)."""
 
     def prepare_ptq(self, model: nn.Module, variant: VariantConfig,
                     float_layers: Sequence[str] = ()) -> nn.Module:
@@ -102,8 +103,18 @@ class MixedPrecisionBackend(QuantBackend, Protocol):
         """
 
 
+    def apply_after_convert(self, float_fused: nn.Module, int8: nn.Module,
+                            variant: VariantConfig, batches) -> nn.Module:
+        """The variant's post-convert algorithms (bias correction) on `int8`, in place.
+
+        `float_fused` is the model `prepare_ptq` fused (in place); `batches` the calibration
+        batches (re-iterable). Returns `int8`; does nothing for a variant without them.
+        """
+
+
 def supports_mixed_precision(backend: QuantBackend) -> bool:
-    """Whether per-layer sensitivity and the float fallback can use `backend`."""
+    """Whether per-layer sensitivity, the float fallback and the post-convert algorithms
+    (bias correction) can use `backend`."""
     return isinstance(backend, MixedPrecisionBackend)
 
 
@@ -126,7 +137,8 @@ def qconfig_for(variant: VariantConfig) -> tq.QConfig:
     """The QConfig of a PTQ variant.
 
     ptq-minmax builds `default_qconfig` (per-tensor MinMax, activations 0..127) and ptq-x86
-    builds `get_default_qconfig("x86")` (histogram activations, per-channel weights).
+    builds `get_default_qconfig("x86")` (histogram activations, per-channel weights);
+    "percentile" activations are quantlab.algorithms.PercentileObserver.
     """
     reduce_range = variant.reduce_range
     if reduce_range is None:
@@ -136,6 +148,8 @@ def qconfig_for(variant: VariantConfig) -> tq.QConfig:
         "minmax": tq.MinMaxObserver.with_args(quant_min=0, quant_max=qmax),
         "moving_average_minmax": tq.MovingAverageMinMaxObserver.with_args(quant_min=0, quant_max=qmax),
         "histogram": tq.HistogramObserver.with_args(reduce_range=reduce_range),
+        "percentile": algorithms.PercentileObserver.with_args(
+            percentile=variant.activation_percentile, reduce_range=reduce_range),
     }[variant.activation_observer]
     weight = {
         "minmax": tq.default_weight_observer,
@@ -153,6 +167,8 @@ class EagerBackend:
                     float_layers: Sequence[str] = ()) -> nn.Module:
         check_engine(variant.engine)
         models.fuse(model, is_qat=False)
+        if variant.cross_layer_equalization:
+            algorithms.equalize(model)
         known = {layer.name for layer in self.quantizable_layers(model)}
         unknown = sorted(set(float_layers) - known)
         if unknown:
@@ -179,6 +195,8 @@ class EagerBackend:
     def prepare_isolated(self, model: nn.Module, variant: VariantConfig) -> nn.Module:
         check_engine(variant.engine)
         models.fuse(model, is_qat=False)
+        if variant.cross_layer_equalization:
+            algorithms.equalize(model)
         qconfig = qconfig_for(variant)
         for layer in self.quantizable_layers(model):
             wrapper = tq.QuantWrapper(model.get_submodule(layer.name))
@@ -192,6 +210,13 @@ class EagerBackend:
         snapshot = copy.deepcopy(model).cpu().eval()
         with engine_context(engine):
             return tq.convert(snapshot, inplace=True).eval()
+
+    def apply_after_convert(self, float_fused: nn.Module, int8: nn.Module,
+                            variant: VariantConfig, batches) -> nn.Module:
+        if variant.bias_correction:
+            with engine_context(variant.engine):  # the corrected weights are packed again
+                algorithms.correct_bias(float_fused, int8, batches)
+        return int8
 
     def prepare_qat(self, model: nn.Module, engine: str) -> nn.Module:
         check_engine(engine)

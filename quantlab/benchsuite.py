@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quantlab import export, metrics, models, ptq, reference
 from quantlab.backend import check_engine, engine_context
 from quantlab.bench import cpu_model_and_flags, measure, profile_artifact, table_row
-from quantlab.config import ENGINES, PTQ_PRESETS, Variants, format_validation_error
+from quantlab.config import DEFAULT_VARIANTS, ENGINES, Variants, format_validation_error
 from quantlab.errors import ConfigError
 from quantlab.store import Store
 
@@ -57,7 +57,7 @@ class BenchSpec(BaseModel):
     checkpoint: str | None = Field(None, description="float state_dict URI; None: random weights")
     threads: tuple[int, ...] = Field((1, 2), min_length=1, description="intra-op thread counts")
     batch_sizes: tuple[int, ...] = Field((1, 8), min_length=1)
-    variants: Variants = tuple(PTQ_PRESETS.values())
+    variants: Variants = DEFAULT_VARIANTS
     engines: tuple[str, ...] = Field(("x86", "onednn"), min_length=1,
                                      description="engines of the plain-torch int8 candidates, "
                                      "and under which quantlab's int8 artifacts are also loaded")

@@ -10,19 +10,24 @@ ImageNet is laid out after the usual preparation:
 parallel, and skips what is already there; it decodes every image once per dataset version, so
 that a broken file is named before any expensive work (or left out, with `skip_bad_images`).
 `loader()` builds DataLoaders over the staged copy.
-`seed_digits()` writes scikit-learn's 1,797 real handwritten digits in that layout (the demo).
+`seed_digits()` writes scikit-learn's 1,797 real handwritten digits in that layout (the demo's
+default), `seed_fashion_mnist()` the 70,000 Fashion-MNIST images from their idx files.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
+import re
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -366,7 +371,15 @@ def loader(staged: StagedData, cfg: DataConfig, split: str, train: bool,
                       persistent_workers=cfg.num_workers > 0)
 
 
-# -- the bundled real dataset ------------------------------------------------------------
+# -- the demo datasets ---------------------------------------------------------------------
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist puts it
+FASHION_MNIST_FILES = {  # split -> (images, labels): the dataset's own release names
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
 def seed_digits(store: st.Store, name: str = "digits", val_fraction: float = 0.2,
                 seed: int = 0) -> tuple[str, bool]:
     """Write scikit-learn's 1,797 handwritten digits as an ImageFolder of 8x8 PNGs.
@@ -374,29 +387,123 @@ def seed_digits(store: st.Store, name: str = "digits", val_fraction: float = 0.2
     train/ and val/ are split per class with a fixed seed. Returns (uri, written); nothing is
     written when a complete copy is already in the store.
     """
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+    def samples() -> Iterator[tuple[str, np.ndarray]]:
+        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
+        digits = load_digits()
+        rng = np.random.default_rng(seed)
+        for label in range(10):
+            idx = np.flatnonzero(digits.target == label)
+            rng.shuffle(idx)
+            num_val = round(len(idx) * val_fraction)
+            for k, i in enumerate(idx):
+                split = "val" if k < num_val else "train"
+                pixels = np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+                yield f"{split}/{label}/{i:04d}.png", pixels
+
+    return _seed_image_folder(store, name, samples, {
+        "source": "sklearn.datasets.load_digits", "val_fraction": val_fraction, "seed": seed})
+
+
+def seed_fashion_mnist(store: st.Store, source_dir: str = FASHION_MNIST_DIR,
+                       name: str = "fashion-mnist",
+                       max_per_class: int | None = None) -> tuple[str, bool]:
+    """Write Fashion-MNIST's 70,000 28x28 images (its four idx files) as an ImageFolder of PNGs.
+
+    train/ holds the dataset's 60,000 training images and val/ its 10,000 test images, in
+    class folders `0-t-shirt-top` ... `9-ankle-boot` (torchvision's class names, numbered so
+    that ImageFolder's sorted order is the dataset's label order). `source_dir` holds the files
+    as the dataset releases them (`train-images-idx3-ubyte.gz`, ...; uncompressed also works).
+    `max_per_class` keeps the first N images of each class in each split. Returns (uri,
+    written); nothing is read or written when a complete copy is already in the store.
+    """
+    if max_per_class is not None and max_per_class < 1:
+        raise DataError(f"max_per_class must be >= 1 or None, got {max_per_class}")
+    paths = fashion_mnist_files(source_dir)  # a missing file fails before the store is touched
+    classes = [f"{i}-" + "-".join(re.findall(r"[a-z0-9]+", c.lower()))
+               for i, c in enumerate(datasets.FashionMNIST.classes)]
+
+    def samples() -> Iterator[tuple[str, np.ndarray]]:
+        for split, (images_path, labels_path) in paths.items():
+            images, labels = read_idx(images_path), read_idx(labels_path)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels) \
+                    or images.dtype != np.uint8 or labels.max(initial=0) >= len(classes):
+                raise DataError(f"{images_path} and {labels_path} are not a Fashion-MNIST pair "
+                                f"(images {images.shape} {images.dtype}, labels {labels.shape}; "
+                                f"expected N x 28 x 28 uint8 and N labels 0..{len(classes) - 1})")
+            taken = np.zeros(len(classes), dtype=np.int64)
+            for i, (pixels, label) in enumerate(zip(images, labels)):
+                if max_per_class is not None and taken[label] >= max_per_class:
+                    continue
+                taken[label] += 1
+                yield f"{split}/{classes[label]}/{i:05d}.png", pixels
+
+    return _seed_image_folder(store, name, samples, {
+        "source": "Fashion-MNIST idx files", "source_files": {
+            split: [os.path.basename(p) for p in pair] for split, pair in paths.items()},
+        "max_per_class": max_per_class})
+
+
+def fashion_mnist_files(source_dir: str) -> dict[str, tuple[str, str]]:
+    """The four idx files of Fashion-MNIST in `source_dir` ({split: (images, labels)}), each
+    gzipped (as released) or not; a DataError names the folder and how to get them."""
+    found, missing = {}, []
+    for split, names in FASHION_MNIST_FILES.items():
+        pair = []
+        for stem in names:
+            path = next((p for p in (os.path.join(source_dir, stem + ".gz"),
+                                     os.path.join(source_dir, stem)) if os.path.isfile(p)), None)
+            if path is None:
+                missing.append(stem + ".gz")
+            pair.append(path)
+        found[split] = tuple(pair)
+    if missing:
+        raise DataError(f"Fashion-MNIST is not in {source_dir} (missing {', '.join(missing)}); "
+                        "install it with `apt-get install dataset-fashion-mnist` (into "
+                        f"{FASHION_MNIST_DIR}) or pass the folder that holds its four idx files")
+    return found
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An idx file (the MNIST format; gzipped when the name ends in .gz) as a numpy array.
+
+    torchvision's reader (`datasets.mnist.read_image_file`) only opens uncompressed files
+    under `<root>/FashionMNIST/raw/`, hence this one.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    dtype = _IDX_DTYPES.get(raw[2]) if len(raw) >= 4 and raw[:2] == b"\0\0" else None
+    if dtype is None or not 1 <= ndim <= 4 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is not an idx file (its header is {raw[:4].hex() or 'empty'})")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    array = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
+    if array.size != math.prod(shape):
+        raise DataError(f"{path} is truncated or padded: its header says {shape} "
+                        f"({math.prod(shape)} values), it holds {array.size}")
+    return array.reshape(shape)
+
+
+def _seed_image_folder(store: st.Store, name: str,
+                       samples: Callable[[], Iterator[tuple[str, np.ndarray]]],
+                       record: dict) -> tuple[str, bool]:
+    """Write greyscale images ((split/class/file.png, HxW uint8) from `samples()`) as PNGs
+    under datasets/<name>/, then the marker that says the copy is complete, unless it is."""
     rel = f"datasets/{name}"
     marker = f"{rel}/{SEEDED_MARKER}"
-    digits = load_digits()
     if store.exists(marker):
         return store.uri(rel), False
-    rng = np.random.default_rng(seed)
     files: dict[str, bytes] = {}
-    for label in range(10):
-        idx = np.flatnonzero(digits.target == label)
-        rng.shuffle(idx)
-        num_val = round(len(idx) * val_fraction)
-        for k, i in enumerate(idx):
-            split = "val" if k < num_val else "train"
-            pixels = np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
-            buf = io.BytesIO()
-            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
-            files[f"{rel}/{split}/{label}/{i:04d}.png"] = buf.getvalue()
+    for relpath, pixels in samples():
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+        files[f"{rel}/{relpath}"] = buf.getvalue()
     store.write_many(files)
-    store.write_json(marker, {"source": "sklearn.datasets.load_digits",
-                              "num_images": len(digits.images), "val_fraction": val_fraction,
-                              "seed": seed})
+    store.write_json(marker, {**record, "num_images": len(files)})
     return store.uri(rel), True
 
 
