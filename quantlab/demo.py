@@ -99,7 +99,7 @@ def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dic
     )
 
 
-def seed(store: Store, dataset: str = DATASET, source: str | None = None) -> tuple[str, bool]:
+def seed(store: Store, dataset: str = DIGITS.dataset, source: str | None = None) -> tuple[str, bool]:
     """Write the dataset's ImageFolder into the store unless it is there; returns (uri, written).
 
     `source`: the folder of Fashion-MNIST's idx files (default: where Debian installs them).

@@ -31,6 +31,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("run_id", pa.string()), ("variant", pa.string()),
         ("method", pa.string()),            # float | ptq | qat
         ("model", pa.string()), ("backend", pa.string()), ("engine", pa.string()),
+        ("algorithms", pa.string()),        # e.g. minmax+cle+bc (VariantConfig.algorithms)
         ("top1", pa.float64()), ("top5", pa.float64()),  # percent, 0-100
         ("loss", pa.float64()), ("num_images", pa.int64()), ("size_bytes", pa.int64()),
         ("created_at", _TS),

@@ -81,6 +81,7 @@ class VariantResult(BaseModel):
     float_layers: list[str] = []            # layers kept in float (the fallback variant)
     fallback_steps: list[FallbackStep] = [] # the fallback's greedy search, step 0 = its base
     checkpoint_layout: str | None = None    # float: what the checkpoint held (models.read_state_dict)
+    algorithms: str = ""                    # e.g. "minmax+cle+bc" (VariantConfig.algorithms)
 
 
 class Outcome(BaseModel):
@@ -208,7 +209,7 @@ def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
     """Fuse, insert observers, calibrate, convert to int8, evaluate, script, store."""
     int8, result = _quantize(cfg, staged, variant)
     return _store_variant(cfg, store_of(cfg), run, variant.name, "ptq", variant.engine, int8,
-                          result)
+                          result, variant.algorithms)
 
 
 def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
@@ -276,7 +277,7 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
     float_layers = [x.layer for x in ranking.layers[:sens.chosen_step(steps).num_float_layers]]
     int8, result = built.get(len(float_layers)) or _quantize(cfg, staged, variant, float_layers)
     stored = _store_variant(cfg, store_of(cfg), run, cfg.fallback_name, "ptq", variant.engine,
-                            int8, result)
+                            int8, result, f"{variant.algorithms}+fallback")
     return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
 
 
@@ -329,12 +330,14 @@ def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResul
     qat.restore(model, qat.load_checkpoint(store, run.run_id, cfg.qat.epochs))
     int8 = get_backend().convert(model, cfg.qat.engine)
     result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
-    return _store_variant(cfg, store, run, cfg.qat.name, "qat", cfg.qat.engine, int8, result)
+    return _store_variant(cfg, store, run, cfg.qat.name, "qat", cfg.qat.engine, int8, result,
+                          "qat")
 
 
 # -- storing, benchmarking, choosing, reporting -----------------------------------------------
 def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, variant: str, method: str,
-                   engine: str | None, model: torch.nn.Module, result: EvalResult) -> VariantResult:
+                   engine: str | None, model: torch.nn.Module, result: EvalResult,
+                   algorithms: str = "") -> VariantResult:
     """Script a model, store the artifact and its `evaluations` row."""
     payload = export.artifact_bytes(model, engine)
     entry = ArtifactEntry(variant=variant, method=method, path=registry.artifact_path(variant),
@@ -343,10 +346,12 @@ def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, variant: str, met
     store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", payload)
     metrics.write_rows(store, "evaluations", [{
         "run_id": run.run_id, "variant": variant, "method": method, "model": cfg.model.name,
-        "backend": get_backend().name, "engine": engine or "", "top1": result.top1,
+        "backend": get_backend().name, "engine": engine or "", "algorithms": algorithms,
+        "top1": result.top1,
         "top5": result.top5, "loss": result.loss, "num_images": result.num_images,
         "size_bytes": entry.bytes}], run.run_id, variant, run.created_at)
-    return VariantResult(variant=variant, method=method, engine=engine, eval=result, artifact=entry)
+    return VariantResult(variant=variant, method=method, engine=engine, eval=result,
+                         artifact=entry, algorithms=algorithms)
 
 
 def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
@@ -373,7 +378,8 @@ def select(cfg: RunConfig, results: list[VariantResult],
     """The run's comparison rows (float first) and the variant it ships (quantlab.selection)."""
     rows = comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
                         "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
-                        "float_layers": r.float_layers} for r in results], latencies)
+                        "float_layers": r.float_layers, "algorithms": r.algorithms}
+                       for r in results], latencies)
     return rows, select_variant(rows, cfg.max_accuracy_drop)
 
 

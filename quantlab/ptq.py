@@ -40,10 +40,12 @@ def quantize_ptq(model: torch.nn.Module, variant: VariantConfig, loader: Iterabl
                  float_layers: Sequence[str] = ()) -> torch.nn.Module:
     """A float model (consumed: it is fused in place) -> calibrated, converted int8 model.
 
-    `loader` yields (images, labels) batches (`quantlab bench` passes random ones);
-    `float_layers` stay in float.
+    `loader` yields (images, labels) batches (`quantlab bench` passes random ones), in the same
+    order each time it is iterated (bias correction reads it again); `float_layers` stay in float.
     """
     backend = get_backend()
-    observed = backend.prepare_ptq(model, variant, float_layers)
+    observed = backend.prepare_ptq(model, variant, float_layers)  # fuses (and equalizes) `model`
     calibrate(observed, loader)
-    return backend.convert(observed, variant.engine)
+    int8 = backend.convert(observed, variant.engine)
+    # Bias correction compares each int8 layer with its float twin on the same batches.
+    return backend.apply_after_convert(model, int8, variant, loader)

@@ -80,6 +80,7 @@ class ResultRow(_Strict):
     latency_ms: float | None                # batch 1, median
     speedup: float | None                   # float latency / this latency
     float_layers: list[str] = []            # layers kept in float (fallback variants)
+    algorithms: str = ""                    # e.g. "minmax+cle+bc"; "" for float
 
 
 class Selection(_Strict):

@@ -31,6 +31,7 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
                 "float\nlayers"):
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for r, cells in zip(rows, table_rows(rows, None)):
+        del cells["algorithms"]  # in the report and the UI; the terminal table keeps to 80 columns
         cells["variant"] += " *" if r.variant == selected else ""
         table.add_row(*cells.values(), style="bold" if r.variant == selected else None)
     return table
@@ -65,6 +66,7 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
     for r in rows:
         out.append({
             "variant": r.variant + (" (selected)" if r.variant == selected else ""),
+            "algorithms": r.algorithms or "-",
             "top-1 %": f"{r.top1:.2f}",
             "top-5 %": percent(r.top5),
             "size MB": f"{r.size_bytes / 1e6:.3f}",

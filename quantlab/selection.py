@@ -28,7 +28,8 @@ def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[Re
         rows.append(ResultRow(variant=r["variant"], method=r["method"], top1=r["top1"],
                               top5=r["top5"], size_bytes=r["size_bytes"], latency_ms=ms,
                               speedup=(float_ms / ms) if (ms and float_ms) else None,
-                              float_layers=r.get("float_layers", [])))
+                              float_layers=r.get("float_layers", []),
+                              algorithms=r.get("algorithms", "")))
     return sorted(rows, key=lambda row: ["float", "ptq", "qat"].index(row.method))  # stable
 
 
