@@ -290,7 +290,11 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
     requested = [num_threads] if isinstance(num_threads, int) else list(num_threads)
     cap = capacity()
     pairs = cap_threads(requested, cap, say) if limit_threads else [(n, n) for n in requested]
-    settings = list(dict.fromkeys((used, n, bs) for used, n in pairs for bs in batch_sizes))
+    asked: dict[int, int] = {}      # threads used -> the most asked for (capped ones merge)
+    for used, n in pairs:
+        asked[used] = max(asked.get(used, 0), n)
+    settings = list(dict.fromkeys((used, asked[used], bs) for used, _ in pairs
+                                  for bs in batch_sizes))
     best: dict[tuple[int, int, int], list[Latency]] = {}
     attempts = dict.fromkeys(settings, 0)
     todo = settings
@@ -306,10 +310,9 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
             break
     out = []
     for key in settings:
-        used, asked, _ = key
         for r in best[key]:
             out.append(r.model_copy(update={
-                "attempts": attempts[key], "num_threads_requested": asked,
+                "attempts": attempts[key], "num_threads_requested": key[1],
                 "load_avg_1m": cap.load_avg_1m, "cpus_available": cap.cpus,
                 "idle_cpus": cap.idle_cpus}))
     for r in out:
