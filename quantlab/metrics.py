@@ -131,13 +131,21 @@ def write_rows(store: Store, table: str, rows: list[dict[str, Any]], run_id: str
 
 
 def read_table(store: Store, table: str, run_id: str | None = None) -> pa.Table:
-    """The whole table (optionally one run's rows), with the hive `date` column."""
+    """The whole table (optionally one run's rows), with the hive `date` column.
+
+    Read with the table's current schema: rows of files written before a column existed
+    have nulls in it.
+    """
     base = table_path(table)
     if not store.exists(base):
         return SCHEMAS[table].empty_table()
     try:
+        # The table's schema, not the first file's: files written before a column was added
+        # read with nulls there, instead of hiding the column from every newer file.
+        date = pa.schema([("date", pa.string())])
         dataset = pads.dataset(store.path(base), filesystem=store.arrow_filesystem(),
-                               format="parquet", partitioning="hive",
+                               format="parquet", schema=SCHEMAS[table].append(date.field(0)),
+                               partitioning=pads.partitioning(date, flavor="hive"),
                                exclude_invalid_files=False,
                                ignore_prefixes=[".", "_"])
         expr = (pads.field("run_id") == run_id) if run_id else None

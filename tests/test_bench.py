@@ -259,3 +259,24 @@ def test_benchmark_rows_carry_noise_and_load(tmp_path):
     assert back["noisy"] is True and back["noise"] == pytest.approx(0.15 / 1.15)
     assert (back["num_threads"], back["num_threads_requested"]) == (1, 2)
     assert back["cpus_available"] == cap.cpus and back["load_avg_1m"] == cap.load_avg_1m
+
+
+def test_a_store_with_benchmarks_from_before_the_noise_columns_reads_them_all(tmp_path):
+    """Files written before `noisy` existed read with nulls; newer files keep their values."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    st = Store(str(tmp_path))
+    new_cols = {"noise", "noisy", "attempts", "num_threads_requested", "load_avg_1m",
+                "cpus_available", "idle_cpus"}
+    old_schema = pa.schema([f for f in metrics.SCHEMAS["benchmarks"] if f.name not in new_cols])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"run_id": "old", "latency_ms": 1.0}], schema=old_schema),
+                   buf)
+    st.write_bytes("metrics/benchmarks/date=2026-01-01/old-pipeline.parquet", buf.getvalue())
+    row = {f.name: None for f in metrics.SCHEMAS["benchmarks"] if f.name != "created_at"}
+    metrics.write_rows(st, "benchmarks", [{**row, "run_id": "new", "noisy": True, "noise": 0.1}],
+                       "new", "pipeline", metrics.now())
+    rows = {r["run_id"]: r for r in metrics.read_rows(st, "benchmarks")}
+    assert (rows["old"]["noisy"], rows["new"]["noisy"], rows["new"]["noise"]) == (None, True, 0.1)
+    assert rows["old"]["date"] == "2026-01-01"
