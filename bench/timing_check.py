@@ -14,7 +14,8 @@ starts and stops), interleaved in repetitions:
    thread count, loads the one file and times it). The table gives each method's median over
    the repetitions divided by bare's: 1.00 is the truth.
 2. noise: the int8 file timed against a byte-identical copy of itself (`bench.measure_files`,
-   no re-measurement), `--trials` times: the per-round-median noise, p90/median, the ratio of
+   no re-measurement), `--trials` times: the per-round-median noise of each, the paired noise
+   of their ratio (bench.noise_of: the spread of per-round ratios), p90/median, the ratio of
    the two identical models (1.00 is the truth), how often the measurement is flagged noisy,
    and how often `faster_beyond_noise` wrongly calls one of the identical models faster.
 """
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from quantlab import benchsuite  # noqa: E402
 from quantlab.bench import (NOISE_THRESHOLD, TAIL_THRESHOLD, capacity, cpu_info,  # noqa: E402
-                            faster_beyond_noise, measure, measure_files)
+                            faster_beyond_noise, measure, measure_files, noise_of)
 
 BARE = r"""
 import statistics, sys, time, torch
@@ -115,7 +116,7 @@ def noise_table(paths: dict[str, str], input_size: int, args) -> list[str]:
     pair = {"a": paths[key], "b": paths[key]}
     lines = []
     for n in (1, 2):
-        noise, tails, ratios, flagged, wrong, used = [], [], [], 0, 0, []
+        noise, paired, tails, ratios, flagged, wrong, used = [], [], [], [], 0, 0, []
         for _ in range(args.trials):
             rows = {r.variant: r for r in measure_files(
                 pair, input_size, (1,), n, args.warmup, args.iterations,
@@ -123,13 +124,16 @@ def noise_table(paths: dict[str, str], input_size: int, args) -> list[str]:
             a, b = rows["a"], rows["b"]
             used.append(a.num_threads)
             noise += [a.noise, b.noise]
+            paired.append(noise_of(a, b))
             tails += [a.tail, b.tail]
             ratios.append(b.latency_ms / a.latency_ms)
             flagged += a.noisy or b.noisy
             wrong += faster_beyond_noise(a, b) or faster_beyond_noise(b, a)
         err = [abs(r - 1) for r in ratios]
         lines.append(f"| {n} (used {min(used)}-{max(used)}) | {statistics.median(noise):.1%} "
-                     f"(max {max(noise):.1%}) | {statistics.median(tails):.2f} (max "
+                     f"(max {max(noise):.1%}) | {statistics.median(paired):.1%} "
+                     f"(max {max(paired):.1%}) | "
+                     f"{statistics.median(tails):.2f} (max "
                      f"{max(tails):.2f}) | {statistics.median(err):.1%} (max {max(err):.1%}) | "
                      f"{flagged}/{args.trials} | {wrong}/{args.trials} |")
     return lines
@@ -157,8 +161,9 @@ def main() -> None:
                 print(f"\n### {'quiet' if not burners else f'{burners} CPU burner(s)'}: "
                       f"{cap.describe()} at the start\n")
                 print("\n".join(timing_table(built, paths, args)))
-                print("\n| threads asked | noise, median (max) | p90/median | identical models' "
-                      "ratio error | flagged noisy | called faster |\n|---|---|---|---|---|---|")
+                print("\n| threads asked | noise, median (max) | paired noise of the ratio | p90/median "
+                      "| identical models' ratio error | flagged noisy | called faster |\n"
+                      "|---|---|---|---|---|---|---|")
                 print("\n".join(noise_table(paths, args.input_size, args)))
                 print(f"\n({time.time() - t0:.0f} s; load average at the end "
                       f"{os.getloadavg()[0]:.2f})")

@@ -41,8 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quantlab import export, metrics, models, pipeline, reference
 from quantlab.backend import check_engine, engine_context
-from quantlab.bench import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags, measure_files, profile_artifact,
-                            table_row)
+from quantlab.bench import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags,
+                            measure_files, profile_artifact, table_row)
 from quantlab.config import ENGINES, PTQ_PRESETS, Variants, format_validation_error
 from quantlab.errors import ConfigError
 from quantlab.store import Store

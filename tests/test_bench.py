@@ -6,8 +6,8 @@ import io
 import json
 import os
 import pathlib
-import subprocess
 import statistics
+import subprocess
 import sys
 
 import pytest
