@@ -161,8 +161,8 @@ def main() -> None:
                 print(f"\n### {'quiet' if not burners else f'{burners} CPU burner(s)'}: "
                       f"{cap.describe()} at the start\n")
                 print("\n".join(timing_table(built, paths, args)))
-                print("\n| threads asked | noise, median (max) | paired noise of the ratio | p90/median "
-                      "| identical models' ratio error | flagged noisy | called faster |\n"
+                print("\n| threads asked | noise, median (max) | paired noise of the ratio "
+                      "| p90/median | identical models' ratio error | flagged noisy | called faster |\n"
                       "|---|---|---|---|---|---|---|")
                 print("\n".join(noise_table(paths, args.input_size, args)))
                 print(f"\n({time.time() - t0:.0f} s; load average at the end "

@@ -126,7 +126,8 @@ def _cpu_times(cpus: Collection[int]) -> tuple[float, float] | None:
     idle = total = 0.0
     for fields in lines:
         if fields[0] != "cpu" and int(fields[0][3:]) in cpus:
-            values = [float(v) for v in fields[1:9]]   # user nice system idle iowait irq softirq steal
+            # user nice system idle iowait irq softirq steal
+            values = [float(v) for v in fields[1:9]]
             idle += values[3] + values[4]
             total += sum(values)
     return idle, total

@@ -178,7 +178,8 @@ def test_timing_process_is_plain_torch_and_reloads_per_setting(tmp_path, monkeyp
     # Each setting: threads set, then every model loaded, then timed.
     events = []
     monkeypatch.setattr(_timer.torch, "set_num_threads", lambda n: events.append(("threads", n)))
-    monkeypatch.setattr(_timer, "_load", lambda m: events.append(("load", m["path"])) or (lambda x: x))
+    monkeypatch.setattr(_timer, "_load",
+                        lambda m: events.append(("load", m["path"])) or (lambda x: x))
     monkeypatch.setattr(_timer.sys, "stdin", io.StringIO(json.dumps(timer_spec)))
     monkeypatch.setattr(_timer.sys, "stdout", io.StringIO())
     _timer.main()
