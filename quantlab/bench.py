@@ -4,6 +4,7 @@
                          num_threads=2, engines={"ptq-x86": "x86"})   # fresh torch-only process
     old, new, attempts = compare(previous, candidate, input_size=224, max_ratio=1.1)
     faster_beyond_noise(new, old), margin_reason(new, old)          # "0.38 ms vs 0.41 ms, ..."
+    tied_with_fastest(rows)          # the fastest and those it does not beat beyond the noise
     prof = profile_artifact("model.pt", engine="x86", input_size=224, batch_size=1, num_threads=2)
 
 Method (quantlab/_timer.py runs it): fixed intra-op threads, inference_mode, warm-up, then
@@ -404,6 +405,18 @@ def noise_of(a: Latency, b: Latency) -> float:
 def faster_beyond_noise(a: Latency, b: Latency) -> bool:
     """Is a faster than b by more than the measured noise (and at least MIN_MARGIN)?"""
     return margin(a, b) > max(noise_of(a, b), MIN_MARGIN)
+
+
+def tied_with_fastest(latencies: Sequence[Latency]) -> list[Latency]:
+    """The fastest latency and every other that it does not beat beyond the noise, fastest first.
+
+    For a selection: when more than one is returned, latency does not decide between them
+    (prefer accuracy, then size); when one, it is faster than every other beyond the noise.
+    """
+    if not latencies:
+        return []
+    ordered = sorted(latencies, key=lambda r: r.latency_ms)
+    return [ordered[0]] + [r for r in ordered[1:] if not faster_beyond_noise(ordered[0], r)]
 
 
 def _ms(value: float) -> str:

@@ -230,6 +230,11 @@ def test_noise_and_margin_helpers():
     c, d = _lat(1.0, [1.0] * 4), _lat(1.01, [1.01] * 4)
     assert not faster_beyond_noise(c, d)
 
+    from quantlab.bench import tied_with_fastest
+    e = _lat(1.2, [1.2] * 4)
+    assert tied_with_fastest([e, d, c]) == [c, d] and tied_with_fastest([e, c]) == [c]
+    assert tied_with_fastest([]) == []
+
 
 def test_threads_are_capped_to_idle_cpus():
     from quantlab.bench import Capacity, cap_threads
