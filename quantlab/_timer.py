@@ -28,12 +28,14 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-BLOCK = 5  # consecutive timed calls of one model before the next model's turn
+BLOCK = 5   # consecutive timed calls of one model before the next model's turn
+REWARM = 1  # untimed calls that start each turn (caches warm again, as in a serving process)
 
 
 def time_rounds(modules: Mapping[str, Callable], inputs: Mapping[str, torch.Tensor], warmup: int,
                 iterations: int, block: int = BLOCK,
-                engines: Mapping[str, str | None] | None = None) -> dict[str, list[list[float]]]:
+                engines: Mapping[str, str | None] | None = None,
+                rewarm: int = REWARM) -> dict[str, list[list[float]]]:
     """Per model, the seconds of each timed call, grouped by interleaved round.
 
     `engines` names the quantized engine set while a model runs (int8 models). Call it under
@@ -57,6 +59,8 @@ def time_rounds(modules: Mapping[str, Callable], inputs: Mapping[str, torch.Tens
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
             m, x = modules[name], inputs[name]
             use_engine(name)
+            for _ in range(rewarm):  # untimed: the previous model's turn evicted this one's cache
+                m(x)
             samples = []
             for _ in range(per_round):
                 t0 = time.perf_counter()
