@@ -4,7 +4,10 @@ The gate times the previous best and the new model side by side at batch 1
 (`quantlab.bench.compare`) and fails above 1 + `gate.max_latency_increase` (default 1.10)
 only if every one of `gate.latency_attempts` (default 3) measurements says so. Timing a model
 against a byte-identical copy of itself shows how often noise alone crosses the threshold on
-this machine, with one attempt and with the default three.
+this machine, with one attempt and with the default three, and what the noise measure says:
+how often the measurement is flagged noisy (bench.NOISE_THRESHOLD, TAIL_THRESHOLD) and how
+often `faster_beyond_noise` would call one of the two identical models faster. Both copies
+are timed from files in a fresh torch-only process, as the gate times them.
 
     flock /work/bench.lock python bench/gate_noise.py --store ./quantlab-store [--ref best] [--repeats 20]
 """
@@ -12,10 +15,12 @@ this machine, with one attempt and with the default three.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 
-from quantlab import export, registry
-from quantlab.bench import compare
+from quantlab import registry
+from quantlab.bench import capacity, compare, faster_beyond_noise
 from quantlab.store import Store
 
 
@@ -33,21 +38,33 @@ def main() -> None:
     manifest = registry.load_manifest(store, registry.resolve(store, args.ref))
     payload = registry.read_artifact(store, manifest, "best")
     engine = manifest.artifact("best").engine
-    a, b = export.load(payload, engine), export.load(payload, engine)
-    for attempts in (1, 3):
-        ratios, used = [], []
-        for _ in range(args.repeats):
-            old, new, n = compare(a, b, manifest.input_size, args.max_ratio, attempts,
-                                  args.threads, args.warmup, args.iterations)
-            ratios.append(new.latency_ms / old.latency_ms)
-            used.append(n)
-        print(f"{manifest.run_id}/{manifest.selected.variant}, batch 1, {args.threads} threads, "
-              f"{args.iterations} iterations, up to {attempts} attempt(s), {args.repeats} gates: "
-              f"identical models' ratio median {statistics.median(ratios):.3f}, "
-              f"min {min(ratios):.3f}, max {max(ratios):.3f}; false failures "
-              f"{sum(r > args.max_ratio for r in ratios)}/{len(ratios)} "
-              f"({sum(used)} measurements)")
-
+    with tempfile.TemporaryDirectory(prefix="quantlab-gate-noise-") as tmp:
+        paths = []
+        for name in ("a", "b"):
+            paths.append(os.path.join(tmp, f"{name}.pt"))
+            with open(paths[-1], "wb") as f:
+                f.write(payload)
+        print(f"start: {capacity().describe()}")
+        for attempts in (1, 3):
+            ratios, used, noise, flagged, wrong = [], [], [], 0, 0
+            for _ in range(args.repeats):
+                old, new, n = compare(*paths, manifest.input_size, args.max_ratio, attempts,
+                                      args.threads, args.warmup, args.iterations,
+                                      engines={"reference": engine, "candidate": engine})
+                ratios.append(new.latency_ms / old.latency_ms)
+                used.append(n)
+                noise += [old.noise, new.noise]
+                flagged += old.noisy or new.noisy
+                wrong += faster_beyond_noise(old, new) or faster_beyond_noise(new, old)
+            print(f"{manifest.run_id}/{manifest.selected.variant}, batch 1, {args.threads} "
+                  f"threads asked ({old.num_threads} used), {args.iterations} iterations, up to "
+                  f"{attempts} attempt(s), {args.repeats} gates: identical models' ratio median "
+                  f"{statistics.median(ratios):.3f}, min {min(ratios):.3f}, max "
+                  f"{max(ratios):.3f}; false failures {sum(r > args.max_ratio for r in ratios)}"
+                  f"/{len(ratios)} ({sum(used)} measurements); noise median "
+                  f"{statistics.median(noise):.1%}, max {max(noise):.1%}; flagged noisy "
+                  f"{flagged}/{len(ratios)}; called faster beyond the noise {wrong}/{len(ratios)}")
+        print(f"end: load average {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()

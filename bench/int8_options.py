@@ -72,7 +72,8 @@ def markdown_section() -> str:
         "Gain = baseline latency / latency with the option (above 1 is faster). Baselines: "
         "int8 = plain-torch x86, scripted, contiguous input; float = scripted, contiguous. "
         "A float model after optimize_for_inference cannot be saved and reloaded in torch 2.14, "
-        "so it is timed in memory and has no size or load time.", "",
+        "so the timing process optimises it after loading the scripted file; it has no size or "
+        "load time.", "",
         markdown_table(effects(rows)), "",
         "quantlab's ptq-x86 artifact in the same run:", "",
         markdown_table(benchsuite.formatted_figures(benchsuite.summarize(rows))), "",

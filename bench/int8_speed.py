@@ -6,7 +6,8 @@
 MobileNetV2 at 224x224, 1 and 2 threads, batch 1 and 8: quantlab's float and PTQ artifacts
 (built by the pipeline's functions; int8 loaded under x86 and onednn) next to plain-torch
 float and int8 (freeze and optimize_for_inference, engines x86 and onednn), timed interleaved
-in one process. See quantlab/benchsuite.py.
+in one fresh torch-only process (models loaded afresh per thread count and batch size). See
+quantlab/benchsuite.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
     result = run(spec, store="./quantlab-store")                 # times, profiles, stores rows
     print(summary_lines(result.rows))
 
-What is timed, every model as TorchScript saved to bytes and loaded back, as a deployment would:
+What is timed, every model as TorchScript saved to a file and loaded back, as a deployment would,
+in a fresh torch-only process (bench.measure_files: models loaded afresh for each thread count
+and batch size, interleaved, noise flagged, threads capped to the idle CPUs):
 - `float` and one row per PTQ variant (`ptq-minmax`, `ptq-x86`, ...): built by the pipeline's own
   functions (models.fuse, ptq.quantize_ptq, export.artifact_bytes), so they are exactly
   the artifacts a run stores;
@@ -13,6 +15,10 @@ What is timed, every model as TorchScript saved to bytes and loaded back, as a d
   optimisation and memory layout asked for. The fastest `torch-int8` is the plain-torch
   reference quantlab's artifact is compared with; the fastest float of all is the fair float
   baseline.
+
+Timing in this process, which built and quantized the models and runs a rich console, made
+int8 at 2 threads look slower than at 1: the same loaded modules served every thread count,
+and an int8 model keeps the oneDNN primitive of its first call (quantlab/_timer.py).
 
 Weights are random unless a checkpoint is given, and calibration runs on random inputs: int8
 kernels cost the same whatever the values, so this changes no timing (the output says so).
@@ -35,7 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quantlab import export, metrics, models, ptq, reference
 from quantlab.backend import check_engine, engine_context
-from quantlab.bench import cpu_model_and_flags, measure, profile_artifact, table_row
+from quantlab.bench import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags,
+                            measure_files, profile_artifact, table_row)
 from quantlab.config import DEFAULT_VARIANTS, ENGINES, Variants, format_validation_error
 from quantlab.errors import ConfigError
 from quantlab.store import Store
@@ -68,6 +75,8 @@ class BenchSpec(BaseModel):
     iterations: int = Field(100, ge=10, description="timed calls per model and setting")
     calibration_batches: int = Field(4, ge=1, description=f"random batches of {CALIBRATION_BATCH}")
     profile: bool = Field(True, description="measure load time and peak RSS in subprocesses")
+    max_remeasure: int = Field(MAX_REMEASURE, ge=0, description="further measurements of a "
+                               "noisy setting before its rows are flagged noisy")
     seed: int = 0
 
     @field_validator("model")
@@ -125,7 +134,14 @@ class Candidate(BaseModel):
     optimisation: str
     channels_last: bool
     module: Any                       # the loaded torch.jit.ScriptModule
-    payload: bytes | None = None      # None: does not survive save/load (timed in memory)
+    payload: bytes | None = None      # None: does not survive save/load (no file, no size)
+    # What the timing process loads when there is no payload: the unoptimised TorchScript,
+    # which it passes through torch.jit.optimize_for_inference after loading.
+    timing_payload: bytes | None = None
+
+    @property
+    def timed_bytes(self) -> bytes:
+        return self.payload if self.payload is not None else self.timing_payload
 
     @property
     def label(self) -> str:
@@ -180,15 +196,22 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
     calib = calibration_batches(spec)
     out = []
 
-    def add(variant, source, engine, optimisation, channels_last, scripted=None, payload=None):
+    def add(variant, source, engine, optimisation, channels_last, scripted=None, payload=None,
+            unoptimised=None):
         if payload is None:
             module, payload = _roundtrip(scripted, engine)
         else:
             module = export.load(payload, engine)
+        timing = None
+        if payload is None:
+            if optimisation != "optimize_for_inference" or unoptimised is None:
+                raise RuntimeError(f"{variant} ({optimisation}) does not survive save/load")
+            timing = export.to_bytes(unoptimised)
         out.append(Candidate(variant=variant, source=source, engine=engine,
                              optimisation=optimisation, channels_last=channels_last,
-                             module=module, payload=payload))
-        log(f"built {out[-1].label}" + ("" if payload else " (cannot be reloaded: timed in memory)"))
+                             module=module, payload=payload, timing_payload=timing))
+        log(f"built {out[-1].label}" + ("" if payload else " (cannot be reloaded: optimised "
+                                        "after loading, in the timing process)"))
 
     # quantlab: the same calls as pipeline.export_float, pipeline.ptq_variant and _store_variant.
     opt = export.ARTIFACT_OPTIMISATION
@@ -210,7 +233,8 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
             model = copy.deepcopy(plain_float)
             if cl:
                 model = model.to(memory_format=torch.channels_last)
-            add("torch-float", "torch", None, opt, cl, scripted=export.script(model, opt))
+            add("torch-float", "torch", None, opt, cl, scripted=export.script(model, opt),
+                unoptimised=export.script(copy.deepcopy(model)))
     for engine in spec.engines:
         int8 = reference.build_int8(base, calib, engine)
         for opt in spec.optimisations:
@@ -234,15 +258,10 @@ def run(spec: BenchSpec, store: str, storage_options: dict | None = None,
         log(note)
     candidates = build_candidates(spec, log)
     keys = {f"{i}:{c.label}": c for i, c in enumerate(candidates)}
-    modules = {k: c.module for k, c in keys.items()}
-    engines = {k: c.engine for k, c in keys.items()}
-    cl = {k for k, c in keys.items() if c.channels_last}
-    latencies = []
-    for num_threads in spec.threads:
-        log(f"timing {len(modules)} models at {num_threads} thread(s), batch sizes "
-            f"{list(spec.batch_sizes)}: {spec.warmup} warm-up + {spec.iterations} timed calls each")
-        latencies += measure(modules, spec.input_size, spec.batch_sizes, num_threads, spec.warmup,
-                             spec.iterations, engines=engines, channels_last=cl)
+    log(f"timing {len(keys)} models at {', '.join(map(str, spec.threads))} thread(s), batch "
+        f"sizes {list(spec.batch_sizes)}: {spec.warmup} warm-up + {spec.iterations} timed calls "
+        "each, interleaved, in a fresh process")
+    latencies = time_candidates(spec, keys, log)
     profiles = _profiles(spec, keys, log) if spec.profile else {}
     run_id = f"bench-{metrics.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     created = metrics.now()
@@ -257,6 +276,21 @@ def run(spec: BenchSpec, store: str, storage_options: dict | None = None,
             size_bytes=len(c.payload) if c.payload else None))
     metrics.write_rows(st, "benchmarks", rows, run_id, "bench", created)
     return BenchResult(run_id=run_id, rows=rows, weights=weights, notes=notes)
+
+
+def time_candidates(spec: BenchSpec, keys: dict[str, Candidate],
+                    log: Callable[[str], None] = print) -> list[Latency]:
+    """Every candidate at every thread count x batch size, in a fresh torch-only process."""
+    with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
+        files = {}
+        for i, (key, c) in enumerate(keys.items()):
+            path = os.path.join(tmp, f"{i}.pt")
+            with open(path, "wb") as f:
+                f.write(c.timed_bytes)
+            files[key] = TimedFile(path=path, engine=c.engine, channels_last=c.channels_last,
+                                   optimize_for_inference=c.payload is None)
+        return measure_files(files, spec.input_size, spec.batch_sizes, spec.threads, spec.warmup,
+                             spec.iterations, max_remeasure=spec.max_remeasure, say=log)
 
 
 def cpu_note() -> str:
@@ -341,6 +375,13 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _noise(row: dict[str, Any]) -> str:
+    """"+-2%", or "+-12% NOISY" when the measurement stayed noisy; "-" for rows without it."""
+    if row.get("noise") is None:
+        return "-"
+    return f"+-{row['noise']:.0%}" + (" NOISY" if row.get("noisy") else "")
+
+
 def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """Every timed model, as strings (the terminal table and BENCHMARKS.md share them)."""
     floats = {(r["num_threads"], r["batch_size"]): r["latency_ms"] for r in rows
@@ -353,6 +394,7 @@ def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
             "median ms": f"{r['latency_ms']:.2f}", "p90 ms": f"{r['latency_ms_p90']:.2f}",
             "min ms": f"{r['latency_ms_min']:.2f}",
             "img/s": f"{r['images_per_sec']:.1f}",
+            "noise": _noise(r),
             "speed-up vs float": _num(base / r["latency_ms"] if base else None, ".2f"),
             "size MB": _num(r["size_bytes"] / 1e6 if r["size_bytes"] else None, ".2f"),
             "load ms": _num(r["load_ms"], ".1f"),

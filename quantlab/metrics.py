@@ -43,7 +43,14 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("latency_ms", pa.float64()),        # median
         ("latency_ms_p90", pa.float64()), ("latency_ms_min", pa.float64()),
         ("images_per_sec", pa.float64()),
-        ("iterations", pa.int64()), ("cpu", pa.string()),   # "model [int8 ISA flags]"
+        ("iterations", pa.int64()),
+        ("noise", pa.float64()),             # half the p10-p90 spread of per-round medians / median
+        ("noisy", pa.bool_()),               # noise or p90/median above bench's thresholds
+        ("attempts", pa.int64()),            # measurements of the setting (noisy ones repeat)
+        ("num_threads_requested", pa.int64()),  # > num_threads: capped to the idle CPUs
+        ("load_avg_1m", pa.float64()),       # the machine's load average when timing began
+        ("cpus_available", pa.int64()), ("idle_cpus", pa.float64()),  # sched_getaffinity; idle
+        ("cpu", pa.string()),                # "model [int8 ISA flags]"
         ("cpu_avx2", pa.bool_()), ("cpu_avx512_vnni", pa.bool_()),  # int8 dot-product ISA:
         ("cpu_amx", pa.bool_()),             # VNNI/AMX are what make int8 several times faster
         ("source", pa.string()),             # quantlab (its artifact path) | torch (plain torch)
@@ -125,13 +132,21 @@ def write_rows(store: Store, table: str, rows: list[dict[str, Any]], run_id: str
 
 
 def read_table(store: Store, table: str, run_id: str | None = None) -> pa.Table:
-    """The whole table (optionally one run's rows), with the hive `date` column."""
+    """The whole table (optionally one run's rows), with the hive `date` column.
+
+    Read with the table's current schema: rows of files written before a column existed
+    have nulls in it.
+    """
     base = table_path(table)
     if not store.exists(base):
         return SCHEMAS[table].empty_table()
     try:
+        # The table's schema, not the first file's: files written before a column was added
+        # read with nulls there, instead of hiding the column from every newer file.
+        date = pa.schema([("date", pa.string())])
         dataset = pads.dataset(store.path(base), filesystem=store.arrow_filesystem(),
-                               format="parquet", partitioning="hive",
+                               format="parquet", schema=SCHEMAS[table].append(date.field(0)),
+                               partitioning=pads.partitioning(date, flavor="hive"),
                                exclude_invalid_files=False,
                                ignore_prefixes=[".", "_"])
         expr = (pads.field("run_id") == run_id) if run_id else None
