@@ -56,7 +56,7 @@ from quantlab.evaluate import EvalResult, evaluate
 from quantlab.ptq import calibrate, calibration_loader, quantize_ptq
 from quantlab.registry import (ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow,
                                Selection, TriggerInfo)
-from quantlab.selection import comparison, float_baseline_warnings
+from quantlab.selection import comparison, float_baseline_warnings, timing_warnings
 from quantlab.selection import select as select_variant
 from quantlab.sensitivity import FallbackStep, LayerSensitivity, SensitivityResult
 from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store
@@ -380,14 +380,16 @@ def select(cfg: RunConfig, results: list[VariantResult],
                         "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
                         "float_layers": r.float_layers, "algorithms": r.algorithms}
                        for r in results], latencies)
-    return rows, select_variant(rows, cfg.max_accuracy_drop)
+    return rows, select_variant(rows, cfg.max_accuracy_drop, latencies)
 
 
 def baseline_warnings(results: list[VariantResult], rows: list[ResultRow],
                       num_classes: int) -> list[str]:
-    """Warnings that the float baseline looks broken (quantlab.selection); each is logged."""
+    """Warnings that the float baseline looks broken or the timing stayed noisy
+    (quantlab.selection); each is logged."""
     float_result = next(r for r in results if r.method == "float")
-    found = float_baseline_warnings(rows, float_result.eval.loss, num_classes)
+    found = (float_baseline_warnings(rows, float_result.eval.loss, num_classes)
+             + timing_warnings(rows))
     for w in found:
         log.warning("%s", w)
     return found

@@ -81,6 +81,8 @@ class ResultRow(_Strict):
     speedup: float | None                   # float latency / this latency
     float_layers: list[str] = []            # layers kept in float (fallback variants)
     algorithms: str = ""                    # e.g. "minmax+cle+bc"; "" for float
+    latency_noise: float | None = None      # relative spread of the batch-1 timing rounds
+    noisy: bool = False                     # the batch-1 timing stayed noisy after re-measuring
 
 
 class Selection(_Strict):

@@ -26,12 +26,14 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
     It keeps within an 80-column terminal: two-line headers, and the selected variant marked
     with a `*` that the caption explains.
     """
-    table = Table(title=title or None, caption="* selected" if selected else None)
+    notes = (["* selected"] if selected else []) + (
+        ["! noisy timing"] if any(r.noisy for r in rows) else [])
+    table = Table(title=title or None, caption=", ".join(notes) or None)
     for col in ("variant", "top-1\n%", "top-5\n%", "size\nMB", "latency\nms", "speed\nup",
                 "float\nlayers"):
         table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for r, cells in zip(rows, table_rows(rows, None)):
-        del cells["algorithms"]  # in the report and the UI; the terminal table keeps to 80 columns
+        del cells["algorithms"], cells["noise"]  # in the report and UI; the terminal keeps to 80
         cells["variant"] += " *" if r.variant == selected else ""
         table.add_row(*cells.values(), style="bold" if r.variant == selected else None)
     return table
@@ -70,7 +72,8 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
             "top-1 %": f"{r.top1:.2f}",
             "top-5 %": percent(r.top5),
             "size MB": f"{r.size_bytes / 1e6:.3f}",
-            "latency ms": format_ms(r.latency_ms).removesuffix(" ms"),
+            "latency ms": format_ms(r.latency_ms).removesuffix(" ms") + (" !" if r.noisy else ""),
+            "noise": f"±{r.latency_noise:.0%}" if r.latency_noise is not None else "-",
             "speed-up": f"{r.speedup:.2f}x" if r.speedup else "-",
             "float layers": "all" if r.method == "float" else str(len(r.float_layers)),
         })

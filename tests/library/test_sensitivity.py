@@ -194,3 +194,23 @@ def test_a_broken_float_baseline_is_named():
     assert len(found) == 2 and "BatchNorm statistics" in found[0] and "broken" in found[1]
     healthy = [_row("float", 90.0, 10.0, "float"), _row("a", 89.0, 2.0)]
     assert selection.float_baseline_warnings(healthy, float_loss=0.4, num_classes=10) == []
+
+
+def _lat(variant, rounds, session="s1"):
+    from quantlab.bench import latency
+
+    return latency(variant, 1, 1, rounds, session=session)
+
+
+def test_selection_does_not_rest_on_a_difference_within_the_noise():
+    """Seen on a busy worker: two artifacts of one structure timed 88.8 vs 332.8 ms. With the
+    rounds' spread known, a gap inside the noise is a tie: accuracy, then size, decides."""
+    rows = [_row("float", 90.0, 10.0, "float"), _row("quick", 89.5, 1.0), _row("good", 90.2, 1.05)]
+    # Load that hits the two in different rounds: their per-round ratio swings by ~+-30%.
+    quick = [[1e-3 * (1.0 + 0.3 * (i % 3))] for i in range(30)]
+    good = [[1e-3 * (1.05 + 0.3 * ((i + 1) % 3))] for i in range(30)]
+    chosen = selection.select(rows, 1.0, [_lat("quick", quick), _lat("good", good)])
+    assert chosen.variant == "good" and "equally fast within the noise" in chosen.reason
+    steady = [_lat("quick", [[1e-3]] * 30), _lat("good", [[1.5e-3]] * 30)]
+    chosen = selection.select(rows, 1.0, steady)
+    assert chosen.variant == "quick" and "50% margin" in chosen.reason and "against good" in chosen.reason
