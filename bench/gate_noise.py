@@ -1,7 +1,7 @@
 """How often would noise alone fail the regression gate? Time one artifact against itself.
 
 The gate times the previous best and the new model side by side at batch 1
-(`quantlab.bench.compare`) and fails above 1 + `gate.max_latency_increase` (default 1.10)
+(`quantlab.timing.compare`) and fails above 1 + `gate.max_latency_increase` (default 1.10)
 only if every one of `gate.latency_attempts` (default 3) measurements says so. Timing a model
 against a byte-identical copy of itself shows how often noise alone crosses the threshold on
 this machine, with one attempt and with the default three, and what the noise measure says:
@@ -20,7 +20,7 @@ import statistics
 import tempfile
 
 from quantlab import registry
-from quantlab.bench import capacity, compare, faster_beyond_noise
+from quantlab.timing import capacity, compare, faster_beyond_noise
 from quantlab.store import Store
 
 

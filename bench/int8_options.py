@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import fmt_x, run_quantlab_bench  # noqa: E402
-from quantlab import benchsuite  # noqa: E402
+from quantlab import bench  # noqa: E402
 from quantlab.report import markdown_table  # noqa: E402
 
 ARGS = ["--threads", "2", "--batch-sizes", "1", "--variants", "ptq-x86", "--iterations", "60",
@@ -76,7 +76,7 @@ def markdown_section() -> str:
         "load time.", "",
         markdown_table(effects(rows)), "",
         "quantlab's ptq-x86 artifact in the same run:", "",
-        markdown_table(benchsuite.formatted_figures(benchsuite.summarize(rows))), "",
+        markdown_table(bench.formatted_figures(bench.summarize(rows))), "",
     ]) + "\n"
 
 

@@ -7,7 +7,7 @@ MobileNetV2 at 224x224, 1 and 2 threads, batch 1 and 8: quantlab's float and PTQ
 (built by the pipeline's functions; int8 loaded under x86 and onednn) next to plain-torch
 float and int8 (freeze and optimize_for_inference, engines x86 and onednn), timed interleaved
 in one fresh torch-only process (models loaded afresh per thread count and batch size). See
-quantlab/benchsuite.py.
+quantlab/bench.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import fmt_x, run_quantlab_bench  # noqa: E402
-from quantlab import benchsuite  # noqa: E402
+from quantlab import bench  # noqa: E402
 from quantlab.report import markdown_table  # noqa: E402
 
 ARGS: list[str] = []  # the defaults: mobilenet_v2, 224, threads 1,2, batch sizes 1,8
@@ -27,7 +27,7 @@ ARGS: list[str] = []  # the defaults: mobilenet_v2, 224, threads 1,2, batch size
 def markdown_section() -> str:
     """BENCHMARKS.md's section (runs the benchmark)."""
     command, rows = run_quantlab_bench(ARGS)
-    figures = benchsuite.summarize(rows)
+    figures = bench.summarize(rows)
     head = next((f for f in figures if (f.variant, f.engine, f.num_threads, f.batch_size)
                  == ("ptq-x86", "x86", 2, 1)), figures[0])
     lines = [
@@ -52,10 +52,10 @@ def markdown_section() -> str:
           and f.batch_size != head.batch_size], "",
         "All settings (speed-ups against quantlab's float artifact; 'fastest float' is the "
         "fastest float model of the run, the fair baseline):", "",
-        markdown_table(benchsuite.formatted_figures(figures)), "",
+        markdown_table(bench.formatted_figures(figures)), "",
         "Every model timed (load time: median `torch.jit.load`, and peak RSS while loading "
         "and running, both in a fresh torch-only process at the largest thread count):", "",
-        markdown_table(benchsuite.formatted_rows(rows)),
+        markdown_table(bench.formatted_rows(rows)),
     ]
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,7 @@ activations are not all zero. Every model is built the way quantlab builds it:
 - eager x86 / eager onednn int8: EagerBackend PTQ with the ptq-x86 preset, TorchScript frozen;
 - pt2e-aoti int8: Pt2eBackend PTQ (X86InductorQuantizer), AOTInductor package with freezing,
   loaded with aoti_load_package; with --no-freezing-too also the package compiled without it.
-All are timed interleaved by quantlab.bench.measure. The PT2E package is then inspected (how
+All are timed interleaved by quantlab.timing.measure. The PT2E package is then inspected (how
 many oneDNN int8 convolutions its generated code calls) and profiled per op (torch.profiler).
 Prints markdown; the CPU, its int8 flags and the load average are printed with every figure.
 """
@@ -26,7 +26,7 @@ import torch
 
 from quantlab import export, models, pt2e
 from quantlab.backend import get_backend
-from quantlab.bench import cpu_info, measure
+from quantlab.timing import cpu_info, measure
 from quantlab.config import PTQ_PRESETS
 
 

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from quantlab import models, pipeline
-from quantlab.bench import cpu_info
+from quantlab.timing import cpu_info
 from quantlab.config import DataConfig, ModelConfig, QATConfig, RunConfig, TransformConfig
 
 NUM_CLASSES = 10

@@ -25,7 +25,7 @@ import torch
 
 from quantlab import models
 from quantlab.backend import get_backend
-from quantlab.bench import cpu_info, threads
+from quantlab.timing import cpu_info, threads
 from quantlab.train import train_one_epoch
 
 

@@ -58,7 +58,7 @@ def machine() -> str:
     sys.path.insert(0, ROOT)
     import torch
 
-    from quantlab.bench import cpu_model_and_flags
+    from quantlab.timing import cpu_model_and_flags
 
     model, flags = cpu_model_and_flags()
     with open("/proc/cpuinfo") as f:

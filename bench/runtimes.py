@@ -25,7 +25,7 @@ import torch
 
 from quantlab import export, formats, models, onnx_export
 from quantlab.backend import get_backend
-from quantlab.bench import cpu_info
+from quantlab.timing import cpu_info
 from quantlab.config import PTQ_PRESETS
 
 

@@ -9,13 +9,13 @@ starts and stops), interleaved in repetitions:
 
 1. timing: each file at 1 and 2 threads, batch 1, timed three ways: `in-process` (the old
    `quantlab bench` method: the models built in this process, every thread count on the same
-   loaded modules), `bench` (`quantlab bench`'s path now: benchsuite.time_candidates, a fresh
+   loaded modules), `bench` (`quantlab bench`'s path now: bench.time_candidates, a fresh
    torch-only process) and `bare` (a `python -c` process that imports only torch, sets the
    thread count, loads the one file and times it). The table gives each method's median over
    the repetitions divided by bare's: 1.00 is the truth.
-2. noise: the int8 file timed against a byte-identical copy of itself (`bench.measure_files`,
+2. noise: the int8 file timed against a byte-identical copy of itself (`timing.measure_files`,
    no re-measurement), `--trials` times: the per-round-median noise of each, the paired noise
-   of their ratio (bench.noise_of: the spread of per-round ratios), p90/median, the ratio of
+   of their ratio (timing.noise_of: the spread of per-round ratios), p90/median, the ratio of
    the two identical models (1.00 is the truth), how often the measurement is flagged noisy,
    and how often `faster_beyond_noise` wrongly calls one of the identical models faster.
 """
@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quantlab import benchsuite  # noqa: E402
-from quantlab.bench import (NOISE_THRESHOLD, TAIL_THRESHOLD, capacity, cpu_info,  # noqa: E402
+from quantlab import bench  # noqa: E402
+from quantlab.timing import (NOISE_THRESHOLD, TAIL_THRESHOLD, capacity, cpu_info,  # noqa: E402
                             faster_beyond_noise, measure, measure_files, noise_of)
 
 BARE = r"""
@@ -68,10 +68,10 @@ def bare_ms(path: str, engine: str | None, num_threads: int, input_size: int, wa
 
 def build(input_size: int, folder: str) -> tuple[dict, dict[str, str]]:
     """quantlab's float artifact and ptq-minmax (onednn): candidates by key, and their files."""
-    spec = benchsuite.parse_spec({"input_size": input_size, "variants": ["ptq-minmax"],
+    spec = bench.parse_spec({"input_size": input_size, "variants": ["ptq-minmax"],
                                   "engines": ["onednn"], "optimisations": ["freeze"],
                                   "threads": [1, 2], "batch_sizes": [1]})
-    cands = benchsuite.build_candidates(spec, log=lambda line: None)
+    cands = bench.build_candidates(spec, log=lambda line: None)
     keys = {f"{i}:{c.label}": c for i, c in enumerate(cands) if c.source == "quantlab"}
     paths = {}
     for i, (key, c) in enumerate(keys.items()):
@@ -93,7 +93,7 @@ def timing_table(built: dict, paths: dict[str, str], args) -> list[str]:
             for r in measure(modules, spec.input_size, (1,), n, args.warmup, args.iterations,
                              engines=engines):
                 got.setdefault(("in-process", r.variant, n), []).append(r.latency_ms)
-        for r in benchsuite.time_candidates(spec, keys, log=lambda line: None):
+        for r in bench.time_candidates(spec, keys, log=lambda line: None):
             got.setdefault(("bench", r.variant, r.num_threads), []).append(r.latency_ms)
         for key, path in paths.items():
             for n in (1, 2):
@@ -104,8 +104,8 @@ def timing_table(built: dict, paths: dict[str, str], args) -> list[str]:
     for key in keys:
         for n in (1, 2):
             bare = statistics.median(got[("bare", key, n)])
-            bench = got.get(("bench", key, n))
-            ratio = f"{statistics.median(bench) / bare:.2f}" if bench else "- (capped)"
+            via_bench = got.get(("bench", key, n))
+            ratio = f"{statistics.median(via_bench) / bare:.2f}" if via_bench else "- (capped)"
             lines.append(f"| {key.split(':', 1)[1]} | {n} | {bare:.3f} | {ratio} | "
                          f"{statistics.median(got[('in-process', key, n)]) / bare:.2f} |")
     return lines

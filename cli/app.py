@@ -482,11 +482,11 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
               "--no-profile", help="skip load time and peak memory (fresh processes)")] = False,
           ) -> None:
     """Time float vs int8 (quantlab's artifacts and plain torch), store and print the table."""
-    from quantlab import benchsuite, report
+    from quantlab import bench, report
 
     _apply_storage_options(storage_option)
     kwargs = parse_pairs("--model-arg", model_arg)
-    spec = benchsuite.parse_spec({
+    spec = bench.parse_spec({
         "model": model, "input_size": input_size, "num_classes": num_classes,
         "model_kwargs": kwargs, "checkpoint": checkpoint,
         "threads": _csv("--threads", threads, int),
@@ -494,11 +494,11 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
         "variants": _csv("--variants", variants), "engines": _csv("--engines", engines),
         "optimisations": _csv("--optimisations", optimisations), "channels_last": channels_last,
         "warmup": warmup, "iterations": iterations, "profile": not no_profile})
-    result = benchsuite.run(spec, store, log=lambda line: err_console.print(line, highlight=False))
+    result = bench.run(spec, store, log=lambda line: err_console.print(line, highlight=False))
     title = f"{spec.model} {spec.input_size}x{spec.input_size}, {result.weights} weights"
-    console.print(report.dict_table(benchsuite.formatted_rows(result.rows), title=title))
-    console.print(report.dict_table(benchsuite.formatted_figures(
-        benchsuite.summarize(result.rows)), title="int8 vs float and vs plain torch", num_left=1))
+    console.print(report.dict_table(bench.formatted_rows(result.rows), title=title))
+    console.print(report.dict_table(bench.formatted_figures(
+        bench.summarize(result.rows)), title="int8 vs float and vs plain torch", num_left=1))
     for note in result.notes:
         console.print(f"note: {note}")
     console.print(f"rows stored in {store}/metrics/benchmarks (run_id {result.run_id})")

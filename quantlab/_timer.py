@@ -1,7 +1,7 @@
 """The timing loop of every latency figure, and the torch-only process that runs it on files.
 
     rounds = time_rounds(modules, inputs, warmup=10, iterations=50)   # in this process
-    python -P -W ignore quantlab/_timer.py < spec.json     # what bench.measure_files runs
+    python -P -W ignore quantlab/_timer.py < spec.json     # what timing.measure_files runs
 
 This module imports only torch and the standard library, so that the process which times the
 models is a plain torch process (the child reports that quantlab was not imported and how many

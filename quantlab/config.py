@@ -76,14 +76,17 @@ VariantName = Annotated[str, AfterValidator(_check_variant_name)]
 ActivationObserver = Annotated[str, _choice("activation_observer", ACTIVATION_OBSERVERS)]
 WeightObserver = Annotated[str, _choice("weight_observer", WEIGHT_OBSERVERS)]
 Architecture = Annotated[str, _choice("model", ARCHITECTURES)]
-BatchSizes = Annotated[tuple[int, ...], Field(min_length=1),
-                       AfterValidator(lambda v: _positive("batch_sizes", v))]
+Engines = Annotated[tuple[str, ...], Field(min_length=1), AfterValidator(
+    lambda v: tuple(dict.fromkeys(_check_choice("engine", e, ENGINES) for e in v)))]
 
 
-def _positive(field: str, values: tuple[int, ...]) -> tuple[int, ...]:
+def _positive(values: tuple[int, ...]) -> tuple[int, ...]:
     if any(b < 1 for b in values):
-        raise ValueError(f"{field} must all be >= 1, got {list(values)}")
-    return values
+        raise ValueError(f"must all be >= 1, got {list(values)}")
+    return tuple(dict.fromkeys(values))
+
+
+PositiveInts = Annotated[tuple[int, ...], Field(min_length=1), AfterValidator(_positive)]
 
 
 class _Model(BaseModel):
@@ -298,11 +301,12 @@ class QATConfig(_Model):
         return self
 
 
-class BenchConfig(_Model):
-    """How artifacts are timed: TorchScript, fixed threads, warm-up, median of many runs."""
+class TimingConfig(_Model):
+    """How the pipeline times its artifacts (quantlab.timing): fixed threads, warm-up, median
+    of many interleaved runs in a fresh process."""
 
     num_threads: int = Field(2, ge=1)
-    batch_sizes: BatchSizes = (1, 8)
+    batch_sizes: PositiveInts = (1, 8)
     warmup: int = Field(10, ge=0, description="untimed iterations per model")
     iterations: int = Field(50, ge=5, description="timed iterations per model and batch size")
 
@@ -330,7 +334,7 @@ class SensitivityConfig(_Model):
 
 class GateConfig(_Model):
     """The regression gate: a run's selected model replaces `best-<model>` only if it is not
-    worse than the current one, both measured in this run (see quantlab.pipeline.regression_gate).
+    worse than the current one, both measured in this run (see quantlab.gate).
     """
 
     enabled: bool = True
@@ -353,7 +357,7 @@ class RunConfig(_Model):
     cache_dir: str = Field("~/.cache/quantlab", description="local cache of staged datasets")
     variants: Variants = DEFAULT_VARIANTS
     qat: QATConfig = QATConfig()
-    bench: BenchConfig = BenchConfig()
+    timing: TimingConfig = TimingConfig()
     max_accuracy_drop: float = Field(1.0, ge=0, description="top-1 points below float allowed "
                                      "when selecting the variant to ship; also the drop below "
                                      "the previous best that the regression gate allows")
@@ -364,6 +368,16 @@ class RunConfig(_Model):
     dask_address: str | None = Field(
         None, description="Dask scheduler that runs the PTQ variants, e.g. tcp://10.0.0.5:8786; "
         "None: threads of the flow's own process")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bench_alias(cls, data: Any) -> Any:
+        """`bench`, the `timing` setting's name before 0.2, still reads as `timing`."""
+        if isinstance(data, dict) and "bench" in data:
+            if "timing" in data:
+                raise ValueError("give timing only (bench is its old name)")
+            data = {("timing" if k == "bench" else k): v for k, v in data.items()}
+        return data
 
     @field_validator("storage_options")
     @classmethod
@@ -466,7 +480,7 @@ def merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return data
 
 
-def format_validation_error(e: ValidationError) -> str:
+def format_validation_error(e: ValidationError, what: str = "config") -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "config"
@@ -478,4 +492,4 @@ def format_validation_error(e: ValidationError) -> str:
         parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})"
                                        if err["type"] not in ("missing", "value_error")
                                        and not isinstance(err["input"], dict) else ""))
-    return "invalid config: " + "; ".join(parts)
+    return f"invalid {what}: " + "; ".join(parts)

@@ -26,7 +26,6 @@ import math
 import os
 import posixpath
 import re
-import shutil
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -506,7 +505,3 @@ def _seed_image_folder(store: st.Store, name: str,
     store.write_json(marker, {**record, "num_images": len(files)})
     return store.uri(rel), True
 
-
-def clear_cache(cache_dir: str) -> None:
-    """Delete every staged dataset."""
-    shutil.rmtree(os.path.join(os.path.expanduser(cache_dir), "datasets"), ignore_errors=True)

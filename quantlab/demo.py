@@ -28,7 +28,7 @@ import torch
 
 from quantlab import data, models
 from quantlab.evaluate import evaluate
-from quantlab.config import (BenchConfig, DataConfig, ModelConfig, QATConfig, RunConfig,
+from quantlab.config import (TimingConfig, DataConfig, ModelConfig, QATConfig, RunConfig,
                              TransformConfig)
 from quantlab.errors import ConfigError
 from quantlab.store import Store
@@ -95,7 +95,7 @@ def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dic
         qat=QATConfig(epochs=qat_epochs, freeze_bn_after=max(1, qat_epochs - 1),
                       freeze_observers_after=max(1, qat_epochs - 1), lr=1e-3, momentum=0.9,
                       weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1),
-        bench=BenchConfig(num_threads=2, batch_sizes=(1, 32), warmup=20, iterations=200),
+        timing=TimingConfig(num_threads=2, batch_sizes=(1, 32), warmup=20, iterations=200),
     )
 
 

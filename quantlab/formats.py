@@ -12,7 +12,7 @@ each export computes what its TorchScript artifact computes, and timing per (art
 Timing method: one fresh process per (artifact, runtime) (quantlab/runtimes.py run as a
 script: it imports neither quantlab nor the runtimes it does not use), each loaded and warmed
 up once; then rounds in which each process in turn times BLOCK consecutive calls (who goes
-first rotates), as quantlab.bench.measure does within one process. Only one process runs at
+first rotates), as quantlab.timing.measure does within one process. Only one process runs at
 a time, and a short pause between turns lets the previous one's worker threads go idle, so
 that no runtime's thread pool competes with another's.
 """
@@ -179,7 +179,7 @@ def check_equivalence(path: str, runtime: str, reference_path: str | None,
 # -- timing per (artifact, runtime) --------------------------------------------------------------
 @dataclass
 class RuntimeLatency:
-    """bench.Latency's fields plus the runtime and the file's load time in its process."""
+    """timing.Latency's fields plus the runtime and the file's load time in its process."""
 
     variant: str
     runtime: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 
 from quantlab import data, export, registry
-from quantlab.bench import compare
+from quantlab.timing import compare
 from quantlab.config import RunConfig
 from quantlab.data import StagedData
 from quantlab.evaluate import evaluate
@@ -50,7 +50,7 @@ def regression_gate(cfg: RunConfig, store: Store, staged: StagedData, run_id: st
                                   f"{entry.variant}): it was made for other "
                                   "classes or another input size, so it does not solve the same "
                                   "task")
-    b = cfg.bench
+    b = cfg.timing
     with tempfile.TemporaryDirectory(prefix="quantlab-gate-") as tmp:
         paths = registry.verified_copies(store, {"reference": (previous.run_id, entry),
                                                  "candidate": (run_id, candidate)}, tmp)

@@ -47,7 +47,7 @@ from quantlab import __version__, data, export, metrics, models, qat, registry, 
 from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
-from quantlab.bench import Latency, measure_files, table_row
+from quantlab.timing import Latency, measure_files, table_row
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.distributed import launch
@@ -356,8 +356,8 @@ def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, variant: str, met
 
 def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
     """Time float and every int8 artifact the same way, interleaved, in a fresh process (see
-    `bench.measure_files`); store `benchmarks` rows. Artifacts are sha256-verified first."""
-    b, store = cfg.bench, store_of(cfg)
+    `timing.measure_files`); store `benchmarks` rows. Artifacts are sha256-verified first."""
+    b, store = cfg.timing, store_of(cfg)
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
         paths = registry.verified_copies(store, {a.variant: (run.run_id, a) for a in artifacts},
                                          tmp)

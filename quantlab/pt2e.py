@@ -112,7 +112,7 @@ def quantizer(variant: VariantConfig | None, is_qat: bool = False):
 
 def has_vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX)."""
-    from quantlab.bench import cpu_model_and_flags
+    from quantlab.timing import cpu_model_and_flags
 
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_model_and_flags()[1]))
 
@@ -288,7 +288,7 @@ def package_metadata(compile_seconds: float | None = None) -> dict[str, str]:
     """
     from torch._inductor import cpu_vec_isa
 
-    from quantlab.bench import cpu_model_and_flags
+    from quantlab.timing import cpu_model_and_flags
 
     cpu, flags = cpu_model_and_flags()
     meta = {"format": "aoti", "torch": torch.__version__, "vec_isa": str(cpu_vec_isa.pick_vec_isa()),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from quantlab.bench import Latency, margin_reason, tied_with_fastest
+from quantlab.timing import Latency, margin_reason, tied_with_fastest
 from quantlab.registry import ResultRow, Selection
 from quantlab.report import format_ms
 
@@ -46,7 +46,7 @@ def select(rows: Sequence[ResultRow], max_accuracy_drop: float,
     """The fastest int8 variant (batch-1 latency) whose top-1 is within the budget of float.
 
     With the measured `latencies`, "fastest" must hold beyond the noise: variants that the
-    fastest does not beat by more than the measured noise (quantlab.bench.tied_with_fastest)
+    fastest does not beat by more than the measured noise (quantlab.timing.tied_with_fastest)
     count as equally fast, and among them the most accurate, then the smallest, is chosen.
     If none is within budget, the most accurate int8 variant, marked as outside the budget.
     """

@@ -21,7 +21,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from quantlab import pipeline, qat, report
-from quantlab.bench import Latency
+from quantlab.timing import Latency
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.errors import QuantlabError, StoreError

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from quantlab.config import (
-    BenchConfig,
+    TimingConfig,
     DataConfig,
     ModelConfig,
     QATConfig,
@@ -88,7 +88,7 @@ def make_config(data_uri: str, checkpoint: str, store: str, cache_dir: str, **ov
                   for p in RunConfig.model_fields["variants"].default],
         qat=QATConfig(epochs=1, freeze_bn_after=1, freeze_observers_after=1, lr=1e-3,
                       nproc_per_node=2, threads_per_worker=1, max_restarts=0),
-        bench=BenchConfig(num_threads=1, batch_sizes=(1, 4), warmup=1, iterations=5),
+        timing=TimingConfig(num_threads=1, batch_sizes=(1, 4), warmup=1, iterations=5),
     )
     return base.model_copy(update=overrides)
 

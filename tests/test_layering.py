@@ -32,7 +32,7 @@ def test_each_layer_imports_only_the_layers_below_it():
 
 def test_importing_the_library_does_not_load_prefect():
     code = ("import sys, quantlab.pipeline, quantlab.qat, quantlab.registry, quantlab.demo, "
-            "quantlab.benchsuite; print('prefect' in sys.modules)")
+            "quantlab.bench; print('prefect' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

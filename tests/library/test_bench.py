@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from quantlab import benchsuite, metrics
-from quantlab.bench import cpu_model_and_flags
+from quantlab import bench, metrics
+from quantlab.timing import cpu_model_and_flags
 from quantlab.store import Store
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def test_bench_command_runs_stores_and_prints(tmp_path):
             assert r["peak_rss_mb"] >= r["peak_rss_delta_mb"] > 0
     assert by[("ptq-x86", "freeze", 1)]["size_bytes"] < by[("float", "freeze", 1)]["size_bytes"] / 2
 
-    figures = benchsuite.summarize(rows)
+    figures = bench.summarize(rows)
     assert {(f.variant, f.batch_size) for f in figures} == {
         ("ptq-x86", bs) for bs in (1, 2)}
     assert all(f.reference.startswith("torch-int8 x86") and f.vs_reference > 0 for f in figures)
@@ -69,7 +69,7 @@ def test_summary_ratios():
             row("torch-float", "torch", 16.0, optimisation="optimize_for_inference"),
             row("torch-int8", "torch", 4.0, engine="onednn", optimisation="freeze"),
             row("torch-int8", "torch", 6.0, engine="x86")]
-    (f,) = benchsuite.summarize(rows)
+    (f,) = bench.summarize(rows)
     assert (f.speedup, f.speedup_vs_best_float, f.vs_reference, f.size_ratio) == (4.0, 3.2, 1.25, 0.26)
     assert f.best_float == "torch-float ofi" and f.reference == "torch-int8 onednn freeze"
 
@@ -115,12 +115,12 @@ print(statistics.median(t) * 1e3)
 
 
 def _tiny_int8(threads=(1, 2)):
-    spec = benchsuite.parse_spec({
+    spec = bench.parse_spec({
         "input_size": 32, "num_classes": 3, "model_kwargs": {"width_mult": 0.25},
         "variants": ["ptq-minmax"], "engines": ["onednn"], "optimisations": ["freeze"],
         "threads": list(threads), "batch_sizes": [1], "warmup": 10, "iterations": 60,
         "max_remeasure": 0})
-    (c,) = [c for c in benchsuite.build_candidates(spec, log=lambda line: None)
+    (c,) = [c for c in bench.build_candidates(spec, log=lambda line: None)
             if (c.variant, c.engine) == ("ptq-minmax", "onednn")]
     return spec, c
 
@@ -138,17 +138,17 @@ def test_bench_timing_of_a_file_matches_a_bare_torch_process(tmp_path):
     path.write_bytes(c.payload)
     failures = []
     for _ in range(3):
-        bench, bare = {}, {}
+        timed, bare = {}, {}
         for _ in range(2):  # interleaved: bench, bare, bench, bare
-            for r in benchsuite.time_candidates(spec, {"m": c}, log=lambda line: None):
-                bench.setdefault(r.num_threads, []).append(r)
-            for n in bench:
+            for r in bench.time_candidates(spec, {"m": c}, log=lambda line: None):
+                timed.setdefault(r.num_threads, []).append(r)
+            for n in timed:
                 out = subprocess.run([sys.executable, "-W", "ignore", "-c", BARE, str(path),
                                       "onednn", str(n), "32"], capture_output=True, text=True)
                 assert out.returncode == 0, out.stderr
                 bare.setdefault(n, []).append(float(out.stdout.strip().splitlines()[-1]))
         ratios = {n: statistics.median(r.latency_ms for r in rows) / statistics.median(bare[n])
-                  for n, rows in bench.items() if not any(r.noisy for r in rows)}
+                  for n, rows in timed.items() if not any(r.noisy for r in rows)}
         failures = {n: ratio for n, ratio in ratios.items() if not 0.6 < ratio < 1.6}
         if ratios and not failures:
             return
@@ -159,12 +159,12 @@ def test_bench_timing_of_a_file_matches_a_bare_torch_process(tmp_path):
 def test_timing_process_is_plain_torch_and_reloads_per_setting(tmp_path, monkeypatch):
     """Same process setup as a bare torch process: no quantlab, one Python thread, the thread
     count set before the models are loaded, afresh for every setting."""
-    from quantlab import _timer, bench
+    from quantlab import _timer, timing
 
     spec, c = _tiny_int8()
     path = tmp_path / "int8.pt"
     path.write_bytes(c.payload)
-    timer_spec = {"models": {"m": bench.TimedFile(path=str(path), engine="onednn").model_dump()},
+    timer_spec = {"models": {"m": timing.TimedFile(path=str(path), engine="onednn").model_dump()},
                   "settings": [[2, 1], [1, 2]], "input_size": 32, "channels": 3, "warmup": 1,
                   "iterations": 5, "block": 5}
     out = subprocess.run([sys.executable, "-P", "-W", "ignore", _timer.__file__],
@@ -187,9 +187,9 @@ def test_timing_process_is_plain_torch_and_reloads_per_setting(tmp_path, monkeyp
 
     # quantlab bench times every candidate through that process, never in its own.
     calls = []
-    real = bench._run_timer
-    monkeypatch.setattr(bench, "_run_timer", lambda *a, **k: calls.append(a) or real(*a, **k))
-    rows = benchsuite.time_candidates(spec.model_copy(update={"iterations": 10}), {"m": c},
+    real = timing._run_timer
+    monkeypatch.setattr(timing, "_run_timer", lambda *a, **k: calls.append(a) or real(*a, **k))
+    rows = bench.time_candidates(spec.model_copy(update={"iterations": 10}), {"m": c},
                                       log=lambda line: None)
     assert len(calls) == 1 and {r.variant for r in rows} == {"m"}
 
@@ -200,12 +200,12 @@ def _lat(ms, rounds, session="s", **kw):
 
 
 def bench_latency(*args):
-    from quantlab.bench import latency
+    from quantlab.timing import latency
     return latency(*args)
 
 
 def test_noise_and_margin_helpers():
-    from quantlab.bench import faster_beyond_noise, margin, margin_reason, noise_of
+    from quantlab.timing import faster_beyond_noise, margin, margin_reason, noise_of
 
     quiet = bench_latency("a", 1, 2, [[0.001] * 5] * 10)
     assert quiet.noise == 0 and not quiet.noisy and quiet.iterations == 50
@@ -230,14 +230,14 @@ def test_noise_and_margin_helpers():
     c, d = _lat(1.0, [1.0] * 4), _lat(1.01, [1.01] * 4)
     assert not faster_beyond_noise(c, d)
 
-    from quantlab.bench import tied_with_fastest
+    from quantlab.timing import tied_with_fastest
     e = _lat(1.2, [1.2] * 4)
     assert tied_with_fastest([e, d, c]) == [c, d] and tied_with_fastest([e, c]) == [c]
     assert tied_with_fastest([]) == []
 
 
 def test_threads_are_capped_to_idle_cpus():
-    from quantlab.bench import Capacity, cap_threads
+    from quantlab.timing import Capacity, cap_threads
 
     said = []
     busy = Capacity(cpus=2, load_avg_1m=3.5, idle_cpus=0.6)
@@ -250,7 +250,7 @@ def test_threads_are_capped_to_idle_cpus():
 
 
 def test_benchmark_rows_carry_noise_and_load(tmp_path):
-    from quantlab.bench import capacity, table_row
+    from quantlab.timing import capacity, table_row
 
     cap = capacity(0.05)
     assert 1 <= cap.threads <= cap.cpus == len(os.sched_getaffinity(0))

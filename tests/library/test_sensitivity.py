@@ -49,10 +49,16 @@ def test_sensitivity_has_a_ranked_row_per_quantized_layer(ranked):
         assert 0 < x.layer_sqnr_db < 80 and 0 < x.output_sqnr_db < 80
 
 
-def test_fallback_keeps_the_most_sensitive_layers_in_float(ranked):
+def test_fallback_keeps_the_most_sensitive_layers_in_float(ranked, monkeypatch):
+    from quantlab import sensitivity
+
     (cfg, run, staged, base), result = ranked
     unreachable = EvalResult(top1=100.0 + cfg.max_accuracy_drop + 1, top5=100, loss=0,
                              num_images=24)
+    # The mechanism for a chosen step (its layers float, the rest int8), taking the search's
+    # last step; which step is chosen is test_greedy_fallback_stops_when_float_layers_buy_nothing.
+    monkeypatch.setattr(sensitivity, "chosen_step", lambda steps: steps[-1])
+    cfg = cfg.model_copy(update={"sensitivity": cfg.sensitivity.model_copy(update={"patience": 5})})
     r = pipeline.ptq_fallback(cfg, staged, run, base, unreachable, result)
     assert r.variant == "ptq-x86-fallback" and r.method == "ptq"
     assert r.float_layers == [x.layer for x in result.layers[:2]]
@@ -171,7 +177,7 @@ def test_gate_rule(top1, ms, passed, needle):
 def test_gate_latency_is_remeasured_and_a_real_slowdown_persists():
     import time
 
-    from quantlab.bench import compare
+    from quantlab.timing import compare
 
     class Sleepy(torch.nn.Module):
         def __init__(self, seconds):
@@ -197,7 +203,7 @@ def test_a_broken_float_baseline_is_named():
 
 
 def _lat(variant, rounds, session="s1"):
-    from quantlab.bench import latency
+    from quantlab.timing import latency
 
     return latency(variant, 1, 1, rounds, session=session)
 
