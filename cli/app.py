@@ -155,17 +155,26 @@ def demo(store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = Non
          qat_epochs: Annotated[int, typer.Option(min=1, help="QAT epochs")] = 3,
          nproc_per_node: NprocOpt = 2,
          cache_dir: CacheDirOpt = "~/.cache/quantlab",
+         dataset: Annotated[str, typer.Option(
+             help="digits (scikit-learn's, the default) or fashion-mnist (its idx files)")] = "digits",
+         source: Annotated[Optional[str], typer.Option(
+             help="folder of Fashion-MNIST's four idx files (default: where Debian's "
+             "dataset-fashion-mnist installs them)")] = None,
          ) -> None:
-    """Seed the store with real digits, train a float baseline once, run `quantize` on it."""
+    """Seed the store with a real dataset, train a float baseline once, run `quantize` on it."""
+    from quantlab import data
+    from quantlab import demo as demo_lib
     from quantlab.store import Store
 
     _apply_storage_options(storage_option)
+    if demo_lib.recipe(dataset) is demo_lib.FASHION_MNIST:
+        data.fashion_mnist_files(source or data.FASHION_MNIST_DIR)  # missing: one line, exit 2
     Store(store).check_writable()  # a missing bucket or bad credentials fail here, in seconds
     from quantlab_flows.demo import demo as demo_flow
 
     _quiet_console_tracebacks()
     _print_outcome(demo_flow(store=store, qat_epochs=qat_epochs, nproc_per_node=nproc_per_node,
-                             cache_dir=cache_dir))
+                             cache_dir=cache_dir, dataset=dataset, source=source))
 
 
 @app.command()

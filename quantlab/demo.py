@@ -51,6 +51,8 @@ class Recipe:
     max_lr: float                       # one-cycle peak learning rate (starts at max_lr / 25)
     weight_decay: float
     max_train_images: int | None = None  # a fixed, seeded subset of train/; None: all of it
+    variants: tuple[str, ...] = ("ptq-minmax", "ptq-x86")  # PTQ presets the demo runs; the last
+                                        # is the one the sensitivity and the fallback patch
 
     @property
     def baseline(self) -> str:
@@ -72,6 +74,7 @@ DIGITS = Recipe(
 FASHION_MNIST = Recipe(
     dataset="fashion-mnist", model_kwargs={"width_mult": 1.0}, epochs=3, max_lr=0.1,
     weight_decay=4e-5, max_train_images=30_000,
+    variants=("ptq-minmax", "ptq-minmax-cle-bc", "ptq-x86-cle-bc", "ptq-x86"),
     transforms=TransformConfig(input_size=32, resize_size=32, mean=(0.29, 0.29, 0.29),
                                std=(0.35, 0.35, 0.35), train_crop_scale=(0.75, 1.0), hflip=True))
 RECIPES = {r.dataset: r for r in (DIGITS, FASHION_MNIST)}
@@ -91,7 +94,7 @@ def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dic
         model=ModelConfig(name=MODEL, checkpoint=checkpoint, kwargs=recipe.model_kwargs),
         data=DataConfig(uri=data_uri, batch_size=32, eval_batch_size=100,
                         transforms=recipe.transforms),
-        store=store, storage_options=storage_options or {},
+        store=store, storage_options=storage_options or {}, variants=recipe.variants,
         qat=QATConfig(epochs=qat_epochs, freeze_bn_after=max(1, qat_epochs - 1),
                       freeze_observers_after=max(1, qat_epochs - 1), lr=1e-3, momentum=0.9,
                       weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1),
