@@ -51,6 +51,7 @@ class Recipe:
     max_lr: float                       # one-cycle peak learning rate (starts at max_lr / 25)
     weight_decay: float
     max_train_images: int | None = None  # a fixed, seeded subset of train/; None: all of it
+    qat_max_train_batches: int | None = None  # QAT batches per epoch and worker; None: all
     variants: tuple[str, ...] = ("ptq-minmax", "ptq-x86")  # PTQ presets the demo runs; the last
                                         # is the one the sensitivity and the fallback patch
 
@@ -75,6 +76,7 @@ FASHION_MNIST = Recipe(
     dataset="fashion-mnist", model_kwargs={"width_mult": 1.0}, epochs=3, max_lr=0.1,
     weight_decay=4e-5, max_train_images=30_000,
     variants=("ptq-minmax", "ptq-minmax-cle-bc", "ptq-x86-cle-bc", "ptq-x86"),
+    qat_max_train_batches=60,  # 3 epochs x 60 batches x 32 x 2 workers: 11,520 images per epoch
     transforms=TransformConfig(input_size=32, resize_size=32, mean=(0.29, 0.29, 0.29),
                                std=(0.35, 0.35, 0.35), train_crop_scale=(0.75, 1.0), hflip=True))
 RECIPES = {r.dataset: r for r in (DIGITS, FASHION_MNIST)}
@@ -97,7 +99,8 @@ def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dic
         store=store, storage_options=storage_options or {}, variants=recipe.variants,
         qat=QATConfig(epochs=qat_epochs, freeze_bn_after=max(1, qat_epochs - 1),
                       freeze_observers_after=max(1, qat_epochs - 1), lr=1e-3, momentum=0.9,
-                      weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1),
+                      weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1,
+                      max_train_batches=recipe.qat_max_train_batches),
         timing=TimingConfig(num_threads=2, batch_sizes=(1, 32), warmup=20, iterations=200),
     )
 
