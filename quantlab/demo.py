@@ -76,7 +76,7 @@ FASHION_MNIST = Recipe(
     dataset="fashion-mnist", model_kwargs={"width_mult": 1.0}, epochs=3, max_lr=0.1,
     weight_decay=4e-5, max_train_images=30_000,
     variants=("ptq-minmax", "ptq-minmax-cle-bc", "ptq-x86-cle-bc", "ptq-x86"),
-    qat_max_train_batches=60,  # 3 epochs x 60 batches x 32 x 2 workers: 11,520 images per epoch
+    qat_max_train_batches=60,  # 60 batches x 32 images x 2 workers: 3,840 images an epoch
     transforms=TransformConfig(input_size=32, resize_size=32, mean=(0.29, 0.29, 0.29),
                                std=(0.35, 0.35, 0.35), train_crop_scale=(0.75, 1.0), hflip=True))
 RECIPES = {r.dataset: r for r in (DIGITS, FASHION_MNIST)}
