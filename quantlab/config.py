@@ -66,6 +66,15 @@ def _check_variant_name(v: str) -> str:
     return v
 
 
+def _renamed(data: Any, old: str, new: str, where: str = "") -> Any:
+    """A setting's name before 0.2 (`old`) still reads as its name now (`new`)."""
+    if isinstance(data, dict) and old in data:
+        if new in data:
+            raise ValueError(f"give {where}{new} only ({where}{old} is its old name)")
+        data = {(new if k == old else k): v for k, v in data.items()}
+    return data
+
+
 def _choice(field: str, valid: tuple[str, ...]):
     """A str setting that must be one of `valid` (one validator, wherever the setting appears)."""
     return AfterValidator(lambda v: _check_choice(field, v, valid))
@@ -277,12 +286,7 @@ class QATConfig(_Model):
     @model_validator(mode="before")
     @classmethod
     def _world_size_alias(cls, data: Any) -> Any:
-        """`world_size`, this setting's name before 0.2, still reads as nproc_per_node."""
-        if isinstance(data, dict) and "world_size" in data:
-            if "nproc_per_node" in data:
-                raise ValueError("give qat.nproc_per_node only (qat.world_size is its old name)")
-            data = {("nproc_per_node" if k == "world_size" else k): v for k, v in data.items()}
-        return data
+        return _renamed(data, "world_size", "nproc_per_node", "qat.")
 
     @property
     def max_nodes(self) -> int:
@@ -372,12 +376,7 @@ class RunConfig(_Model):
     @model_validator(mode="before")
     @classmethod
     def _bench_alias(cls, data: Any) -> Any:
-        """`bench`, the `timing` setting's name before 0.2, still reads as `timing`."""
-        if isinstance(data, dict) and "bench" in data:
-            if "timing" in data:
-                raise ValueError("give timing only (bench is its old name)")
-            data = {("timing" if k == "bench" else k): v for k, v in data.items()}
-        return data
+        return _renamed(data, "bench", "timing")
 
     @field_validator("storage_options")
     @classmethod
