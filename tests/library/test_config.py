@@ -90,3 +90,15 @@ def test_sensitivity_and_fallback_follow_the_ptq_variants():
     with pytest.raises(ConfigError, match="unique"):
         parse_config({**BASE, "variants": ["ptq-x86", {"name": "ptq-x86-fallback"}],
                       "sensitivity": {"variant": "ptq-x86"}})
+
+
+def test_settings_renamed_in_0_2_still_read_under_their_old_names():
+    from quantlab.config import QATConfig, parse_config
+
+    assert QATConfig(world_size=3).nproc_per_node == 3
+    cfg = parse_config({"model": {"checkpoint": "x.pth"}, "data": {"uri": "d"},
+                        "bench": {"num_threads": 1}})
+    assert cfg.timing.num_threads == 1
+    with pytest.raises(ConfigError, match="give timing only"):
+        parse_config({"model": {"checkpoint": "x.pth"}, "data": {"uri": "d"}, "bench": {},
+                      "timing": {}})
