@@ -131,3 +131,27 @@ def test_a_retried_flow_run_resumes_its_run(prefect):
     assert first_id == second_id and first_run == second_run == f"flow-{first_id}"
     assert with_flow_run_id(cfg.model_copy(update={"run_id": "mine"})).run_id == "mine"
     assert with_flow_run_id(cfg).run_id is None  # outside a flow run: start_run picks a new id
+
+
+def test_a_parent_flow_shows_the_table_and_report_on_its_own_page(completed_run):
+    """The demo flow calls `publish` on the quantize subflow's outcome: a user who opens the
+    demo run (not the subflow) sees the comparison and the report under its Artifacts."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.runtime import flow_run
+
+    from quantlab_tasks.steps import publish
+
+    _, result = completed_run
+
+    @flow
+    def parent() -> str:
+        publish(result)
+        return flow_run.id
+
+    parent_id = parent()
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[parent_id])))
+    assert {"quantlab-comparison", "quantlab-report"} <= {a.key for a in arts}
