@@ -91,8 +91,9 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
         results += [f.result(timeout=steps.TIMEOUTS["ptq"]) for f in ptq]
     progress.done("ptq")
     ranking = None
-    if config.sensitivity_variant:
-        ranking = steps.sensitivity(config, staged, run)
+    base_name = pipeline.sensitivity_base(config, results, float_eval)
+    if base_name:
+        ranking = steps.sensitivity(config, staged, run, base_name)
         if config.fallback_name:
             base = next(r for r in results if r.variant == ranking.variant)
             results.append(steps.ptq_fallback(config, staged, run, base, float_eval, ranking))

@@ -327,7 +327,10 @@ class SensitivityConfig(_Model):
 
     enabled: bool = True
     variant: str | None = Field(None, description="name of the PTQ variant to analyse and "
-                                "patch; None: the last of `variants` (ptq-x86 by default)")
+                                "patch; None: the last of `variants` (ptq-x86 by default); "
+                                "'auto': once the PTQ variants are evaluated, the most accurate "
+                                "one outside the accuracy budget (the one the selection would "
+                                "otherwise reject), else the last of `variants`")
     num_batches: int | None = Field(None, ge=1, description="batches of data.batch_size images; "
                                     "None: the variant's num_calibration_batches")
     fallback: bool = Field(True, description="build the <variant>-fallback variant")
@@ -405,7 +408,7 @@ class RunConfig(_Model):
     def _unique_names(self) -> "RunConfig":
         ptq = [v.name for v in self.variants]
         named = self.sensitivity.variant
-        if self.sensitivity.enabled and named is not None and named not in ptq:
+        if self.sensitivity.enabled and named not in (None, "auto") and named not in ptq:
             raise ValueError(f"sensitivity.variant {named!r} is not one of the "
                              f"run's PTQ variants; valid: {', '.join(ptq) or 'none (add one)'} "
                              "(or set sensitivity.enabled: false)")
@@ -417,20 +420,24 @@ class RunConfig(_Model):
 
     @property
     def sensitivity_variant(self) -> str | None:
-        """The PTQ variant whose layers are analysed; None: no sensitivity in this run."""
+        """The PTQ variant whose layers are analysed ("auto": chosen once PTQ is evaluated,
+        see pipeline.sensitivity_base); None: no sensitivity in this run."""
         if not self.sensitivity.enabled or not self.variants:
             return None
         return self.sensitivity.variant or self.variants[-1].name
 
     @property
     def fallback_name(self) -> str | None:
-        """Name of the float-fallback variant, None when the run builds none."""
+        """Name of the float-fallback variant ("auto-fallback" until its base is chosen),
+        None when the run builds none."""
         base = self.sensitivity_variant
         return f"{base}-fallback" if base and self.sensitivity.fallback else None
 
     def variant_names(self) -> list[str]:
-        return ([v.name for v in self.variants]
-                + ([self.fallback_name] if self.fallback_name else [])
+        fallbacks = ([f"{v.name}-fallback" for v in self.variants]
+                     if self.sensitivity_variant == "auto" and self.fallback_name
+                     else [self.fallback_name] if self.fallback_name else [])
+        return ([v.name for v in self.variants] + fallbacks
                 + ([self.qat.name] if self.qat.enabled else []))
 
     def variant(self, name: str) -> VariantConfig:

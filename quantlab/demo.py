@@ -28,8 +28,8 @@ import torch
 
 from quantlab import data, models
 from quantlab.evaluate import evaluate
-from quantlab.config import (TimingConfig, DataConfig, ModelConfig, QATConfig, RunConfig,
-                             TransformConfig)
+from quantlab.config import (DataConfig, ModelConfig, QATConfig, RunConfig, SensitivityConfig,
+                             TimingConfig, TransformConfig)
 from quantlab.errors import ConfigError
 from quantlab.store import Store
 from quantlab.train import EpochStats, train_one_epoch
@@ -52,6 +52,7 @@ class Recipe:
     weight_decay: float
     max_train_images: int | None = None  # a fixed, seeded subset of train/; None: all of it
     qat_max_train_batches: int | None = None  # QAT batches per epoch and worker; None: all
+    sensitivity_variant: str | None = None  # None: the last variant; "auto": see SensitivityConfig
     variants: tuple[str, ...] = ("ptq-minmax", "ptq-x86")  # PTQ presets the demo runs; the last
                                         # is the one the sensitivity and the fallback patch
 
@@ -76,7 +77,8 @@ FASHION_MNIST = Recipe(
     dataset="fashion-mnist", model_kwargs={"width_mult": 1.0}, epochs=3, max_lr=0.1,
     weight_decay=4e-5, max_train_images=30_000,
     variants=("ptq-minmax", "ptq-minmax-cle-bc", "ptq-x86-cle-bc", "ptq-x86"),
-    qat_max_train_batches=60,  # 60 batches x 32 images x 2 workers: 3,840 images an epoch
+    # the fallback patches the most accurate variant the budget would reject
+    qat_max_train_batches=60, sensitivity_variant="auto",  # 60 batches x 32 images x 2 workers: 3,840 images an epoch
     transforms=TransformConfig(input_size=32, resize_size=32, mean=(0.29, 0.29, 0.29),
                                std=(0.35, 0.35, 0.35), train_crop_scale=(0.75, 1.0), hflip=True))
 RECIPES = {r.dataset: r for r in (DIGITS, FASHION_MNIST)}
@@ -102,6 +104,7 @@ def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dic
                       weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1,
                       max_train_batches=recipe.qat_max_train_batches),
         timing=TimingConfig(num_threads=2, batch_sizes=(1, 32), warmup=20, iterations=200),
+        sensitivity=SensitivityConfig(variant=recipe.sensitivity_variant),
     )
 
 

@@ -11,7 +11,7 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
     float_eval = evaluate_float(cfg, staged)
     results = [export_float(cfg, staged, run, float_eval)]
     results += [ptq_variant(cfg, staged, run, v) for v in cfg.variants]
-    ranking = sensitivity(cfg, staged, run)            # if cfg.sensitivity_variant
+    ranking = sensitivity(cfg, staged, run, sensitivity_base(cfg, results, float_eval))
     base = next(r for r in results if r.variant == ranking.variant)
     results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))  # fallback_name
     train_qat(cfg, staged, run)
@@ -222,15 +222,33 @@ def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
 
 
 # -- per-layer sensitivity and the float fallback ------------------------------------------
-def sensitivity(cfg: RunConfig, staged: StagedData, run: RunInfo) -> SensitivityResult:
-    """Rank the layers of `cfg.sensitivity_variant` by the harm of quantizing each alone.
+def sensitivity_base(cfg: RunConfig, results: list[VariantResult],
+                     float_eval: EvalResult) -> str | None:
+    """The PTQ variant to analyse and patch: the configured one, or with `sensitivity.variant:
+    auto` the most accurate PTQ variant outside the accuracy budget (the one the selection would
+    otherwise have to reject), else the last of `variants`. None: no sensitivity in this run."""
+    if cfg.sensitivity_variant != "auto":
+        return cfg.sensitivity_variant
+    floor = float_eval.top1 - cfg.max_accuracy_drop
+    outside = [r for r in results if r.method == "ptq" and r.eval.top1 < floor]
+    if outside:
+        return max(outside, key=lambda r: r.eval.top1).variant
+    return cfg.variants[-1].name
+
+
+def sensitivity(cfg: RunConfig, staged: StagedData, run: RunInfo,
+                variant_name: str | None = None) -> SensitivityResult:
+    """Rank the layers of a PTQ variant (default `cfg.sensitivity_variant`) by the harm of
+    quantizing each alone.
 
     Method in quantlab/sensitivity.py. Stores one `sensitivity` row per quantizable layer.
     """
-    if cfg.sensitivity_variant is None:
+    variant_name = variant_name or cfg.sensitivity_variant
+    if variant_name in (None, "auto"):
         raise ConfigError("this run has no sensitivity analysis (sensitivity.enabled is false "
-                          "or there is no PTQ variant)")
-    variant = cfg.variant(cfg.sensitivity_variant)
+                          "or there is no PTQ variant), or its variant is not chosen yet "
+                          "(sensitivity.variant: auto; see sensitivity_base)")
+    variant = cfg.variant(variant_name)
     backend = get_backend()
     float_model = load_float(cfg, len(staged.classes))
     observed = backend.prepare_isolated(copy.deepcopy(float_model), variant)
@@ -262,12 +280,13 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
     reached the best top-1; when the base variant meets the budget it keeps no layer in float.
     """
     variant = cfg.variant(ranking.variant)
+    name = f"{ranking.variant}-fallback"
     built: dict[int, tuple[torch.nn.Module, EvalResult]] = {}
 
     def top1_with(layers: list[str]) -> float:
         built.clear()  # only the newest model is kept
         built[len(layers)] = _quantize(cfg, staged, variant, layers)
-        log.info("%s with %d float layers (+%s): top-1 %.2f", cfg.fallback_name, len(layers),
+        log.info("%s with %d float layers (+%s): top-1 %.2f", name, len(layers),
                  layers[-1], built[len(layers)][1].top1)
         return built[len(layers)][1].top1
 
@@ -276,7 +295,7 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
                                  cfg.sensitivity.max_float_layers, cfg.sensitivity.patience)
     float_layers = [x.layer for x in ranking.layers[:sens.chosen_step(steps).num_float_layers]]
     int8, result = built.get(len(float_layers)) or _quantize(cfg, staged, variant, float_layers)
-    stored = _store_variant(cfg, store_of(cfg), run, cfg.fallback_name, "ptq", variant.engine,
+    stored = _store_variant(cfg, store_of(cfg), run, name, "ptq", variant.engine,
                             int8, result, f"{variant.algorithms}+fallback")
     return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
 

@@ -121,9 +121,10 @@ def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
 
 @task(name="sensitivity", cache_policy=NO_CACHE, tags=["quantlab", "ptq", "sensitivity"],
       timeout_seconds=TIMEOUTS["ptq"])
-def sensitivity(config: RunConfig, staged: StagedData, run: RunInfo) -> SensitivityResult:
+def sensitivity(config: RunConfig, staged: StagedData, run: RunInfo,
+                variant: str | None = None) -> SensitivityResult:
     """Per-layer sensitivity of one PTQ variant: each layer quantized alone, ranked."""
-    result = pipeline.sensitivity(config, pipeline.ensure_staged(config, staged), run)
+    result = pipeline.sensitivity(config, pipeline.ensure_staged(config, staged), run, variant)
     top = ", ".join(f"{x.layer} ({x.top1_drop:.2f} pts, {x.output_sqnr_db:.1f} dB)"
                     for x in result.layers[:5])
     get_run_logger().info("%s: %d layers; most sensitive: %s", result.variant,

@@ -220,3 +220,26 @@ def test_selection_does_not_rest_on_a_difference_within_the_noise():
     steady = [_lat("quick", [[1e-3]] * 30), _lat("good", [[1.5e-3]] * 30)]
     chosen = selection.select(rows, 1.0, steady)
     assert chosen.variant == "quick" and "50% margin" in chosen.reason and "against good" in chosen.reason
+
+
+def test_auto_picks_the_most_accurate_variant_outside_the_budget(tiny_config):
+    from quantlab.registry import ArtifactEntry
+
+    cfg = tiny_config.model_copy(update={"sensitivity": tiny_config.sensitivity.model_copy(
+        update={"variant": "auto"})})
+    assert "ptq-minmax-fallback" in cfg.variant_names()
+
+    def result(name, top1):
+        return pipeline.VariantResult(
+            variant=name, method="ptq", engine="x86", eval=EvalResult(top1=top1, top5=None,
+                                                                      loss=0, num_images=1),
+            artifact=ArtifactEntry(variant=name, method="ptq", path=f"artifacts/{name}/m.pt",
+                                   sha256="0" * 64, bytes=1, engine="x86"))
+
+    float_eval = EvalResult(top1=90.0, top5=None, loss=0, num_images=1)
+    outside = [result("ptq-minmax", 70.0), result("ptq-x86", 85.0)]
+    assert pipeline.sensitivity_base(cfg, outside, float_eval) == "ptq-x86"
+    within = [result("ptq-minmax", 89.5), result("ptq-x86", 89.8)]
+    assert pipeline.sensitivity_base(cfg, within, float_eval) == "ptq-x86"  # the last variant
+    mixed = [result("ptq-minmax", 80.0), result("ptq-x86", 89.8)]
+    assert pipeline.sensitivity_base(cfg, mixed, float_eval) == "ptq-minmax"
