@@ -456,6 +456,8 @@ def serve(prefect_file: PrefectFileOpt = None, compute_slots: SlotsOpt = 1) -> N
     from quantlab_flows import deployments
 
     deployments.serve(prefect_file, compute_slots)
+
+
 def _csv(option: str, value: str, cast=str) -> list:
     items = [v.strip() for v in value.split(",") if v.strip()]
     try:
