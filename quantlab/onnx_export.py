@@ -300,7 +300,7 @@ def qdq_initializers(data: bytes) -> bytes:
         graph.node.remove(node)
     consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     new_inits: list[onnx.TensorProto] = []
-    removed: set[int] = set()
+    removed: set[str] = set()  # by output name: protobuf wrappers are made anew on each access
 
     def axis_of(node) -> int:
         return next((a.i for a in node.attribute if a.name == "axis"), 1)
@@ -321,8 +321,8 @@ def qdq_initializers(data: bytes) -> bytes:
                     info.min, info.max).astype(zp.dtype)
         new_inits.append(numpy_helper.from_array(q, node.output[0]))
         consts[node.output[0]] = q
-        removed.add(id(node))
-    kept = [n for n in graph.node if id(n) not in removed]
+        removed.add(node.output[0])
+    kept = [n for n in graph.node if not (n.op_type == "QuantizeLinear" and n.output[0] in removed)]
     # Nodes appended above must come before their consumers: topological order by rebuild.
     ordered = _topological(kept, {i.name for i in graph.initializer} | {i.name for i in new_inits}
                            | {i.name for i in graph.input})
