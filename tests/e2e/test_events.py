@@ -28,6 +28,9 @@ POOL = "quantlab-process"
 QUANTIZE = "quantize/mobilenet-v2-nightly"
 WATCH = "quantlab-watch/checkpoints"
 WAIT = 900  # seconds: generous, the machine is shared
+# Runs of the deployments before this module registered them (tests/e2e/test_deployments.py
+# runs the same deployment on the same server) are not this module's.
+SINCE: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,9 @@ def deployed(buckets, env, tiny_dataset, tiny_checkpoint, tmp_path_factory):
     spec["deployments"] = [quantize, watch]
     path = tmp / "prefect.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    from datetime import datetime, timezone
+
+    SINCE["created"] = datetime.now(timezone.utc)
     out = run_quantlab_env(env, "deploy", "--prefect-file", str(path), cwd=tmp)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return cfg
@@ -118,8 +124,9 @@ def deployment_runs(server, name: str):
 
     with server.settings(), get_client(sync_client=True) as client:
         d = client.read_deployment_by_name(name)
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
             id=DeploymentFilterId(any_=[d.id])))
+    return [r for r in runs if r.created >= SINCE["created"]]
 
 
 def events_named(server, name: str):

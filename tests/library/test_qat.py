@@ -208,7 +208,7 @@ def test_rerun_after_a_crash_resumes_from_the_runs_checkpoints(run_ctx):
     assert isinstance(training.error, LaunchError)  # no restarts left: the stage failed
     done = qat.latest_checkpoint(Store(cfg.store), run.run_id)
     assert 1 <= done < 3
-    before = {r["epoch"]: r["created_at"] for r in pipeline.qat_epochs(cfg, run)}
+    before = {r["epoch"]: r["created_at"] for r in pipeline.qat_epochs(pipeline.store_of(cfg), run)}
 
     # Re-running the flow with the run's id resumes the run, and QAT its checkpoints.
     rerun = pipeline.start_run(cfg)

@@ -15,7 +15,7 @@ from tests.support import TINY_TRANSFORMS, upload_tree, write_tiny_dataset
 
 RUN_DATE = metrics.now()
 EVALUATION = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",
-              "backend": "eager", "engine": "", "top1": 71.9, "top5": 90.3, "loss": 1.1,
+              "backend": "eager", "engine": "", "algorithms": "", "top1": 71.9, "top5": 90.3, "loss": 1.1,
               "num_images": 50000, "size_bytes": 14_000_000}
 
 
