@@ -29,6 +29,8 @@ engine and observer:
 
 from __future__ import annotations
 
+import threading
+
 from collections.abc import Iterable
 
 import torch
@@ -71,14 +73,35 @@ class _FusedLeafTracer(torch.fx.Tracer):
         return isinstance(m, _FusedModule) or super().is_leaf_module(m, qualname)
 
 
+# torch.fx tracing patches nn.Module.__call__ for every thread while it runs: a PTQ variant
+# calibrating in another thread would then fail ("module is not installed as a submodule").
+# Pairs depend on the architecture only, so each one is traced once, under a lock, and the
+# pipeline's preflight traces the run's architectures before PTQ variants run in parallel.
+_PAIRS: dict[tuple, list[tuple[str, str]]] = {}
+_TRACE_LOCK = threading.Lock()
+
+
+def _structure(model: nn.Module) -> tuple:
+    return tuple((name, type(m).__name__, tuple(getattr(m, "weight", torch.empty(0)).shape))
+                 for name, m in model.named_modules())
+
+
 def equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """Consecutive layer pairs of a fused float model that CLE can rescale, in graph order.
 
     A pair is (first, second) where the first's output reaches only the second, through ReLUs,
     pooling, flatten or dropout at most, and the second's input channels are the first's
     output channels (grouped and depthwise convolutions included). Found by tracing the model
-    with torch.fx.
+    with torch.fx, once per architecture (see _PAIRS).
     """
+    key = _structure(model)
+    with _TRACE_LOCK:
+        if key not in _PAIRS:
+            _PAIRS[key] = _traced_pairs(model)
+        return list(_PAIRS[key])
+
+
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = _FusedLeafTracer().trace(model)
     except Exception as e:  # tracing runs arbitrary forward code: any failure means "cannot"

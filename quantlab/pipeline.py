@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from quantlab import __version__, data, export, metrics, models, qat, registry, report
+from quantlab import __version__, algorithms, data, export, metrics, models, qat, registry, report
 from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
@@ -124,7 +124,11 @@ def preflight(cfg: RunConfig) -> int:
     data.check_no_empty_classes(splits, data.list_dataset(cfg.data.uri, cfg.storage_options),
                                 dataset.root)
     num_classes = len(splits["train"])
-    load_float(cfg, num_classes)
+    model = load_float(cfg, num_classes)
+    if any(v.cross_layer_equalization for v in cfg.variants):
+        # Traced here, once, not while PTQ variants calibrate in parallel (algorithms._PAIRS);
+        # a model torch.fx cannot trace fails now, with one line.
+        algorithms.equalization_pairs(models.fuse(model, is_qat=False))
     return num_classes
 
 
