@@ -141,7 +141,7 @@ def ptq_fallback(config: RunConfig, staged: StagedData, run: RunInfo, base: Vari
                                    float_eval, ranking)
     get_run_logger().info("%s: top-1 %.2f with %d layers in float: %s", result.variant,
                           result.eval.top1, len(result.float_layers),
-                          ", ".join(result.float_layers) or "none needed")
+                          ", ".join(result.float_layers) or "none")
     return result
 
 
