@@ -9,7 +9,7 @@ how often the measurement is flagged noisy (bench.NOISE_THRESHOLD, TAIL_THRESHOL
 often `faster_beyond_noise` would call one of the two identical models faster. Both copies
 are timed from files in a fresh torch-only process, as the gate times them.
 
-    flock /work/bench.lock python bench/gate_noise.py --store ./quantlab-store [--ref best] [--repeats 20]
+    python bench/gate_noise.py --store ./quantlab-store [--ref best] [--repeats 20]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """QAT throughput: 2 gloo workers x 1 thread against 1 worker x 2 threads (target: >= 1.3x).
 
-    flock /work/bench.lock python bench/qat_scaling.py [--input-size 112] [--global-batch 32] [--rounds 2]
+    python bench/qat_scaling.py [--input-size 112] [--global-batch 32] [--rounds 2]
 
 Runs quantlab's real QAT stage (pipeline.train_qat: torchrun, gloo workers, DDP, fake
 quantization, per-epoch int8 evaluation, checkpoints) on MobileNetV2 (width 1.0, random
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"world size 1 x 2 threads: {ips['1x2']:.1f} img/s (median)")
     print(f"world size 2 x 1 thread:  {ips['2x1']:.1f} img/s (median)")
     print(f"2x1 / 1x2: {r['ratio']:.2f}x  (target >= 1.3x)")
-    print("reproduce: flock /work/bench.lock python "
+    print("reproduce: python "
           + shlex.join(["bench/qat_scaling.py", *(argv if argv is not None else sys.argv[1:])]))
 
 

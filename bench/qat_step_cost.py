@@ -1,6 +1,6 @@
 """The cost of a QAT training step against a float training step (target: <= 1.6x).
 
-    flock /work/bench.lock python bench/qat_step_cost.py [--input-size 224] [--batch-size 8] [--threads 1]
+    python bench/qat_step_cost.py [--input-size 224] [--batch-size 8] [--threads 1]
 
 MobileNetV2 (torchvision's quantizable one, width 1.0, 1000 classes: the tutorial's model) at
 224x224, batch 8, one thread (what each QAT worker gets by default), random weights and inputs
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
           f"updating), {r['qat_frozen_step_s'] * 1000:.0f} ms once both are frozen")
     print(f"QAT step / float step: {r['ratio']:.2f}x  (target <= 1.6x); "
           f"{r['ratio_frozen']:.2f}x once BN and observers are frozen")
-    print("reproduce: flock /work/bench.lock python "
+    print("reproduce: python "
           + shlex.join(["bench/qat_step_cost.py", *(argv if argv is not None else sys.argv[1:])]))
 
 

@@ -2,7 +2,7 @@
 
     python bench/report.py                         # every section (tens of minutes)
     python bench/report.py --only int8_speed       # one section; the others are kept as they are
-    flock /work/bench.lock python bench/report.py  # on a shared machine: one benchmark at a time
+    python bench/report.py
 
 Every bench/*.py (but this one and _helpers) contributes a section, produced in its own fresh
 Python process (no state, threads or engines carried over), in SECTIONS order and then

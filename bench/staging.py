@@ -1,6 +1,6 @@
 """Staging throughput: quantlab's data.stage against a plain s3fs bulk get of the same files.
 
-    flock /work/bench.lock python bench/staging.py [--num-files 3000] [--repeats 3]
+    python bench/staging.py [--num-files 3000] [--repeats 3]
 
 Starts its own moto S3 server (a separate process, so that the server does not share this
 process's GIL), writes an ImageFolder of `--num-files` small PNG-like blobs (2-10 KB) into a
@@ -130,7 +130,7 @@ def main() -> None:
                   f"{cpu_ms:>20.2f}")
         print(f"ratio quantlab / s3fs (throughput): {median['s3fs'] / median['quantlab']:.2f} "
               f"(target >= 0.80)")
-        print("reproduce: flock /work/bench.lock "
+        print("reproduce: "
               + shlex.join([sys.executable, "bench/staging.py", *sys.argv[1:]]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Are `quantlab bench`'s timings those of a plain torch process, and is noise caught? Quiet and under a CPU burner.
 
-    flock /work/bench.lock python bench/timing_check.py [--input-size 96] [--repeats 3] [--trials 8]
+    python bench/timing_check.py [--input-size 96] [--repeats 3] [--trials 8]
 
 One MobileNetV2 float model and its int8 ptq-minmax artifact (the pipeline's functions, random
 weights: timing does not depend on the values) are saved as TorchScript files. Then, on a quiet
