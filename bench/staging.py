@@ -131,7 +131,7 @@ def main() -> None:
         print(f"ratio quantlab / s3fs (throughput): {median['s3fs'] / median['quantlab']:.2f} "
               f"(target >= 0.80)")
         print("reproduce: "
-              + shlex.join([sys.executable, "bench/staging.py", *sys.argv[1:]]))
+              + shlex.join(["python", "bench/staging.py", *sys.argv[1:]]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         server.terminate()
