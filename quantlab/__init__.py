@@ -6,4 +6,17 @@ it changes nothing global: entry points (the CLI, the flows, the QAT worker) cal
 `quantlab._deprecations.silence_deprecations()` themselves.
 """
 
+from importlib import metadata
+
 __version__ = "0.1.0"
+
+
+def installed_versions(*dists: str) -> dict[str, str]:
+    """The installed versions of these distributions (those not installed are left out)."""
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

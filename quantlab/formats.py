@@ -20,7 +20,6 @@ that no runtime's thread pool competes with another's.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -28,14 +27,14 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 
 import numpy as np
 import torch
 from torch import nn
 
-from quantlab import onnx_export, runtimes
+from quantlab import installed_versions, onnx_export, runtimes
 from quantlab.errors import ConfigError
+from quantlab.sensitivity import Sqnr
 
 BLOCK = 5                 # consecutive timed calls of one (artifact, runtime) per turn
 TURN_PAUSE_S = 0.05       # between turns: lets the previous runtime's spinning threads sleep
@@ -49,13 +48,7 @@ FORMAT_FILES = {"torchscript": ("model.torchscript.pt",), "onnx": ("model.onnx",
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that make and run the deployment artifacts (manifest)."""
-    out = {}
-    for dist in ("torch", "onnx", "onnxruntime", "openvino", "nncf"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return installed_versions("torch", "onnx", "onnxruntime", "openvino", "nncf")
 
 
 def export_int8(int8: nn.Module, engine: str, input_size: int) -> dict[str, bytes]:
@@ -128,10 +121,11 @@ def predict(path: str, runtime: str, loader: Iterable, num_threads: int = 2,
 
 
 def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    """10 log10(|reference|^2 / |reference - other|^2); inf when they are equal."""
-    noise = float(np.sum((reference.astype(np.float64) - other) ** 2))
-    signal = float(np.sum(reference.astype(np.float64) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    """10 log10(|reference|^2 / |reference - other|^2) of logits (quantlab.sensitivity.Sqnr)."""
+    sqnr = Sqnr()
+    sqnr.add(torch.from_numpy(np.asarray(reference, dtype=np.float64)),
+             torch.from_numpy(np.asarray(other, dtype=np.float64)))
+    return sqnr.db
 
 
 def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray,

@@ -37,13 +37,12 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from importlib import metadata
 from typing import Literal
 
 import torch
 from pydantic import BaseModel
 
-from quantlab import __version__, algorithms, data, export, metrics, models, qat, registry, report
+from quantlab import __version__, algorithms, installed_versions, data, export, metrics, models, qat, registry, report
 from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
@@ -430,13 +429,9 @@ def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
 
 
 def versions() -> dict[str, str]:
-    out = {"quantlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for dist in ("torchvision", "prefect"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    """What made the run (the manifest's `versions`)."""
+    return {"quantlab": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), **installed_versions("torchvision", "prefect")}
 
 
 def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],

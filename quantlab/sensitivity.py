@@ -70,7 +70,7 @@ class FallbackStep(BaseModel):
     within_budget: bool
 
 
-class _Sqnr:
+class Sqnr:
     """Accumulates signal and noise energy over batches."""
 
     def __init__(self) -> None:
@@ -115,7 +115,7 @@ def measure(fused: nn.Module, quantized: dict[str, nn.Module], layers: Sequence[
     for layer in layers:
         original = fused.get_submodule(layer.name)
         int8 = quantized[layer.name]
-        layer_sqnr, output_sqnr = _Sqnr(), _Sqnr()
+        layer_sqnr, output_sqnr = Sqnr(), Sqnr()
         handle = int8.register_forward_hook(
             lambda _m, inputs, output: layer_sqnr.add(original(inputs[0]), output))
         fused.set_submodule(layer.name, int8)
