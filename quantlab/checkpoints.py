@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quantlab.config import NAME_PATTERN
 from quantlab.errors import CheckpointError, NotFoundError
+from quantlab import store as st
 from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store, list_files, normalize_uri
 
 log = logging.getLogger(__name__)
@@ -97,12 +98,7 @@ def sha256_of(uri: str, options: dict[str, Any] | None = None,
     Gives up after a few seconds on an endpoint that does not answer; a missing object is a
     NotFoundError naming the URI.
     """
-    parent, name = split_uri(uri)
-    digest = hashlib.sha256()
-    with Store(parent, options, retry_delays).open(name) as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return st.sha256_of(uri, options, retry_delays)
 
 
 def etag_of(uri: str, options: dict[str, Any] | None = None) -> str:

@@ -349,6 +349,13 @@ def content_hash(uri: str, options: dict[str, Any] | None = None) -> str:
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
     if etag and not is_local(uri):
         return f"etag:{etag}:{info.get('size')}"
+    return "sha256:" + sha256_of(uri, options)
+
+
+def sha256_of(uri: str, options: dict[str, Any] | None = None,
+              delays: tuple[float, ...] = _RETRY_DELAYS) -> str:
+    """The sha256 of an object's bytes, streamed in 1 MiB chunks."""
+    fs, path = filesystem(uri, options)
 
     def sha256() -> str:
         digest = hashlib.sha256()
@@ -356,7 +363,7 @@ def content_hash(uri: str, options: dict[str, Any] | None = None) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         return digest.hexdigest()
-    return "sha256:" + call_with_retries(f"read {uri}", sha256)
+    return call_with_retries(f"read {uri}", sha256, delays)
 
 
 def list_files(uri: str, options: dict[str, Any] | None = None) -> list[FileInfo]:
