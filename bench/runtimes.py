@@ -7,8 +7,9 @@ its IR in OpenVINO, NNCF's own PTQ in OpenVINO, and float in torch, ONNX Runtime
 MobileNetV2 (torchvision's quantizable one, 1000 classes) with random weights, calibrated on
 random images (timing does not depend on the values; accuracy is not measured here). The
 variants are built by quantlab's own functions (prepare, calibrate, convert; scripting as the
-pipeline stores it), exported with quantlab.formats, and timed by quantlab.formats.measure_runtimes:
-one fresh process per (artifact, runtime), interleaved, same threads and batches. Prints a
+pipeline stores it), exported with quantlab.formats, and timed as the pipeline times them
+(quantlab.timing.measure_files: one fresh process, every (artifact, runtime) interleaved, same
+threads and batches, noisy settings measured again). Prints a
 markdown table of medians and ratios, with the CPU's int8 flags and the load average.
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from quantlab import export, formats, models, onnx_export
 from quantlab.backend import get_backend
-from quantlab.timing import cpu_info
+from quantlab.timing import TimedFile, cpu_info, measure_files
 from quantlab.config import PTQ_PRESETS
 
 
@@ -66,6 +67,7 @@ def build(input_size: int, num_calibration: int, tmp: str) -> dict[str, tuple[st
         print(f"{name} export: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         paths = store(name, files)
         out[f"{name}/torch-x86"] = (paths["model.torchscript.pt"], "torch-x86")
+        out[f"{name}/torch-onednn"] = (paths["model.torchscript.pt"], "torch-onednn")
         out[f"{name}/onnxruntime"] = (paths["model.onnx"], "onnxruntime")
         out[f"{name}/openvino"] = (paths["model.xml"], "openvino")
     return out
@@ -85,8 +87,10 @@ def main() -> None:
         load_before = os.getloadavg()
         rows = []
         for n in args.threads:
-            rows += formats.measure_runtimes(artifacts, args.input_size, args.batch_sizes, n,
-                                            args.warmup, args.iterations)
+            rows += measure_files({k: TimedFile(path=p, runtime=rt)
+                                   for k, (p, rt) in artifacts.items()},
+                                  args.input_size, args.batch_sizes, n, args.warmup,
+                                  args.iterations, limit_threads=False)
         load_after = os.getloadavg()
     print(f"CPU: {cpu_info()}; load average (1 min) {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; {formats.versions()}\n")

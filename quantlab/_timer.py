@@ -5,7 +5,9 @@
 
 This module imports only torch and the standard library, so that the process which times the
 models is a plain torch process (the child reports that quantlab was not imported and how many
-Python threads ran). In the child, every (thread count, batch size) setting sets the thread
+Python threads ran). A model with a `runtime` other than torch (ONNX Runtime, OpenVINO) is
+loaded through quantlab/runtimes.py, read by its file path (not as part of quantlab), and
+timed in the same interleaved rounds on the same input as a numpy array. In the child, every (thread count, batch size) setting sets the thread
 count first and then loads every model afresh from its file: a quantized model's packed
 weights cache the oneDNN primitive of their first call, built for that call's thread count and
 input shape, and later calls at another thread count or batch size run that primitive about
@@ -70,7 +72,24 @@ def time_rounds(modules: Mapping[str, Callable], inputs: Mapping[str, torch.Tens
     return rounds
 
 
-def _load(model: dict) -> torch.jit.ScriptModule:
+def _runtimes():
+    """quantlab/runtimes.py as a stand-alone module (it imports nothing from quantlab)."""
+    import importlib.util
+    import os
+
+    if "_quantlab_runtimes" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes.py")
+        spec = importlib.util.spec_from_file_location("_quantlab_runtimes", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["_quantlab_runtimes"] = module
+    return sys.modules["_quantlab_runtimes"]
+
+
+def _load(model: dict) -> Callable:
+    runtime = model.get("runtime") or "torch"
+    if not runtime.startswith("torch"):
+        return _runtimes().get_runtime(runtime).load(model["path"], torch.get_num_threads()).run
     if model.get("engine"):
         torch.backends.quantized.engine = model["engine"]
     module = torch.jit.load(model["path"], map_location="cpu").eval()
@@ -82,7 +101,8 @@ def _load(model: dict) -> torch.jit.ScriptModule:
 def main() -> None:
     """A spec on stdin; per setting the rounds of every model, as one JSON line on stdout.
 
-    spec: {"models": {name: {"path", "engine", "channels_last", "optimize_for_inference"}},
+    spec: {"models": {name: {"path", "engine", "channels_last", "optimize_for_inference",
+                             "runtime"}},
            "settings": [[num_threads, batch_size], ...], "input_size", "channels", "warmup",
            "iterations", "block"}
     """
@@ -93,7 +113,8 @@ def main() -> None:
         torch.set_num_threads(num_threads)  # before loading and before any call
         modules = {name: _load(m) for name, m in models.items()}
         x = torch.randn(batch_size, spec["channels"], spec["input_size"], spec["input_size"])
-        inputs = {name: x.contiguous(memory_format=torch.channels_last)
+        inputs = {name: x.numpy() if not (m.get("runtime") or "torch").startswith("torch")
+                  else x.contiguous(memory_format=torch.channels_last)
                   if m.get("channels_last") else x for name, m in models.items()}
         engines = {name: m.get("engine") for name, m in models.items()}
         with torch.inference_mode():

@@ -2,48 +2,39 @@
 each export computes what its TorchScript artifact computes, and timing per (artifact, runtime).
 
     files = export_int8(int8, engine="x86", input_size=224)   # model.onnx, model.xml, model.bin
+    entries = artifact_entries(files, "ptq-x86", "ptq", "x86")  # the manifest's, per format
     files = export_float(fused_float, input_size=224)
     files = nncf_peer(files_float["model.onnx"], calibration_batches)   # model.xml, model.bin
     eq = check_equivalence(paths["model.onnx"], "onnxruntime", int8_ts_path, "torch-x86",
                            float_ts_path, val_loader, num_threads=2)
-    rows = measure_runtimes({"ptq-x86/onnxruntime": (onnx_path, "onnxruntime"), ...},
-                            input_size=224, batch_sizes=(1, 8), num_threads=2)
 
-Timing method: one fresh process per (artifact, runtime) (quantlab/runtimes.py run as a
-script: it imports neither quantlab nor the runtimes it does not use), each loaded and warmed
-up once; then rounds in which each process in turn times BLOCK consecutive calls (who goes
-first rotates), as quantlab.timing.measure does within one process. Only one process runs at
-a time, and a short pause between turns lets the previous one's worker threads go idle, so
-that no runtime's thread pool competes with another's.
+Every (artifact, runtime) pair is timed by quantlab.timing.measure_files, with the TorchScript
+files, in one fresh process (`TimedFile(path, runtime=...)`): the same interleaved rounds,
+noise and re-measuring for all. Tried against one fresh process per pair (each loaded once,
+taking turns; MobileNetV2 96 px, 1 thread, 100 calls, a loaded 2-core EPYC): the medians
+agreed within the noise (ratios 0.85-1.1 at noise 5-20%), except torch int8 at batch 8,
+which the per-process way timed 1.3-1.5x slower because its model ran batch 1 first (the
+oneDNN primitive cache: see quantlab/_timer.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import statistics
-import subprocess
-import sys
-import time
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from quantlab import installed_versions, onnx_export, runtimes
 from quantlab.errors import ConfigError
+from quantlab.export import sha256
+from quantlab.registry import FORMAT_FILES, ArtifactEntry, FileEntry
 from quantlab.sensitivity import Sqnr
 
-BLOCK = 5                 # consecutive timed calls of one (artifact, runtime) per turn
-TURN_PAUSE_S = 0.05       # between turns: lets the previous runtime's spinning threads sleep
 MIN_AGREEMENT = 99.0      # percent of images whose top-1 matches the TorchScript int8 artifact
 MAX_TOP1_DIFF = 0.3       # top-1 points between an export and its TorchScript artifact
-RUNTIME_TIMER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes.py")
-# Which file of an artifact's set each format is loaded from, and what the set holds.
-FORMAT_FILES = {"torchscript": ("model.torchscript.pt",), "onnx": ("model.onnx",),
-                "openvino": onnx_export.IR_FILES}
 
 
 def versions() -> dict[str, str]:
@@ -70,36 +61,38 @@ def nncf_peer(float_onnx: bytes, calibration: Iterable) -> dict[str, bytes]:
     return onnx_export.nncf_ptq(float_onnx, batches)
 
 
-def artifact_files(files: Mapping[str, bytes], engine: str | None,
-                   int8: bool | None = None) -> list[dict]:
-    """Manifest entries for a variant's deployment files: one per format present, each with
-    the runtimes that run it, its files (sha256, bytes; an IR is two files, verified together)
-    and the library versions that made them. `engine`: the int8 variant's quantized engine,
-    None for float and for nncf-ptq (which passes int8=True)."""
-    import hashlib
-
+def artifact_entries(files: Mapping[str, bytes], variant: str, method: str,
+                     engine: str | None, int8: bool | None = None) -> list[ArtifactEntry]:
+    """Manifest entries of a variant's deployment files ({"model.onnx": bytes, ...}): one per
+    format present, in the variant's folder, each with the runtimes that run it, every file's
+    sha256 (an IR is two files, verified together) and the library versions that made them.
+    `engine`: the int8 variant's quantized engine; None for float and for nncf-ptq (which
+    passes int8=True)."""
     out = []
+    made_by = versions()
     for fmt, names in FORMAT_FILES.items():
-        if not all(n in files for n in names):
+        if fmt == "torchscript" or not all(n in files for n in names):
             continue
-        out.append({"format": fmt, "runtimes": runtimes.runtimes_for(fmt, engine, int8),
-                    "files": [{"path": n, "sha256": hashlib.sha256(files[n]).hexdigest(),
-                               "bytes": len(files[n])} for n in names],
-                    "made_by": versions()})
+        first, *rest = [FileEntry(path=f"artifacts/{variant}/{n}", sha256=sha256(files[n]),
+                                  bytes=len(files[n])) for n in names]
+        out.append(ArtifactEntry(
+            variant=variant, method=method, path=first.path, sha256=first.sha256,
+            bytes=first.bytes, format=fmt, engine=engine, files=rest,
+            optimisation="qdq" if fmt == "onnx" else "ir",
+            runtimes=runtimes.runtimes_for(fmt, engine, int8), made_by=made_by))
     return out
 
 
 # -- equivalence ---------------------------------------------------------------------------------
-@dataclass
-class Equivalence:
-    """An exported model against its TorchScript int8 artifact and against float, on a loader."""
+class Equivalence(BaseModel):
+    """A model in a runtime against its TorchScript int8 artifact and against float, on val/."""
 
     runtime: str
     top1: float                    # percent
     reference_top1: float | None   # the TorchScript int8 artifact's top-1 (None: no reference)
     agreement: float | None        # percent of images with the reference's top-1 prediction
     float_agreement: float         # percent of images with the float model's top-1 prediction
-    sqnr_db: float                 # logits SQNR against float, dB
+    sqnr_db: float | None          # logits SQNR against float, dB (None: equal to float's)
     num_images: int
     passed: bool | None            # agreement >= MIN_AGREEMENT and |top1 diff| <= MAX_TOP1_DIFF
     reason: str
@@ -120,12 +113,13 @@ def predict(path: str, runtime: str, loader: Iterable, num_threads: int = 2,
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
-    """10 log10(|reference|^2 / |reference - other|^2) of logits (quantlab.sensitivity.Sqnr)."""
+def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float | None:
+    """10 log10(|reference|^2 / |reference - other|^2) of logits (quantlab.sensitivity.Sqnr);
+    None when they are equal (no noise to measure)."""
     sqnr = Sqnr()
     sqnr.add(torch.from_numpy(np.asarray(reference, dtype=np.float64)),
              torch.from_numpy(np.asarray(other, dtype=np.float64)))
-    return sqnr.db
+    return sqnr.db if math.isfinite(sqnr.db) else None
 
 
 def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray,
@@ -134,10 +128,11 @@ def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndar
     pred = logits.argmax(1)
     top1 = 100.0 * float(np.mean(pred == labels))
     float_agreement = 100.0 * float(np.mean(pred == float_logits.argmax(1)))
+    common = dict(runtime=runtime, top1=top1, float_agreement=float_agreement,
+                  sqnr_db=sqnr_db(float_logits, logits), num_images=len(labels))
     if reference_logits is None:
-        return Equivalence(runtime, top1, None, None, float_agreement,
-                           sqnr_db(float_logits, logits), len(labels), None,
-                           "no TorchScript int8 artifact to compare with")
+        return Equivalence(**common, reference_top1=None, agreement=None, passed=None,
+                           reason="no TorchScript artifact to compare with")
     ref_top1 = 100.0 * float(np.mean(reference_logits.argmax(1) == labels))
     agreement = 100.0 * float(np.mean(pred == reference_logits.argmax(1)))
     problems = []
@@ -147,10 +142,10 @@ def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndar
     if abs(top1 - ref_top1) > MAX_TOP1_DIFF:
         problems.append(f"top-1 {top1:.2f} vs {ref_top1:.2f} of the TorchScript artifact "
                         f"(> {MAX_TOP1_DIFF} points apart)")
-    return Equivalence(runtime, top1, ref_top1, agreement, float_agreement,
-                       sqnr_db(float_logits, logits), len(labels), not problems,
-                       "; ".join(problems) or f"agrees on {agreement:.2f}% of images, top-1 "
-                       f"{top1:.2f} vs {ref_top1:.2f}")
+    return Equivalence(**common, reference_top1=ref_top1, agreement=agreement,
+                       passed=not problems,
+                       reason="; ".join(problems) or f"agrees on {agreement:.2f}% of images, "
+                       f"top-1 {top1:.2f} vs {ref_top1:.2f}")
 
 
 def check_equivalence(path: str, runtime: str, reference_path: str | None,
@@ -168,94 +163,6 @@ def check_equivalence(path: str, runtime: str, reference_path: str | None,
     reference = (predict(reference_path, reference_runtime, batches, num_threads)[0]
                  if reference_path else None)
     return compare_logits(logits, labels, float_logits, reference, runtime)
-
-
-# -- timing per (artifact, runtime) --------------------------------------------------------------
-@dataclass
-class RuntimeLatency:
-    """timing.Latency's fields plus the runtime and the file's load time in its process."""
-
-    variant: str
-    runtime: str
-    batch_size: int
-    num_threads: int
-    latency_ms: float
-    latency_ms_p90: float
-    latency_ms_min: float
-    images_per_sec: float
-    iterations: int
-    load_ms: float
-
-    def row(self) -> dict:
-        return asdict(self)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def measure_runtimes(artifacts: Mapping[str, tuple[str, str]], input_size: int,
-                     batch_sizes: Sequence[int] = (1, 8), num_threads: int = 2,
-                     warmup: int = 10, iterations: int = 50,
-                     pause_s: float = TURN_PAUSE_S) -> list[RuntimeLatency]:
-    """Time {key: (local path, runtime name)} interleaved, one fresh process per key.
-
-    A key is usually "<variant>" or "<variant>/<runtime>"; rows carry it as `variant`.
-    """
-    for key, (path, runtime) in artifacts.items():
-        rt = runtimes.get_runtime(runtime)
-        if not rt.supports(runtimes.format_of(path)):
-            raise ConfigError(f"{key}: runtime {runtime} cannot run {path}; valid for "
-                              f"{runtimes.format_of(path)}: "
-                              f"{', '.join(runtimes.runtimes_for(runtimes.format_of(path)))}")
-    procs: dict[str, subprocess.Popen] = {}
-    load_ms: dict[str, float] = {}
-    try:
-        for key, (path, runtime) in artifacts.items():
-            spec = {"path": os.path.abspath(path), "runtime": runtime, "num_threads": num_threads,
-                    "input_size": input_size, "batch_sizes": list(batch_sizes), "warmup": warmup}
-            procs[key] = subprocess.Popen(
-                [sys.executable, "-W", "ignore", RUNTIME_TIMER, "serve", json.dumps(spec)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env={**os.environ, "OMP_NUM_THREADS": str(num_threads)})
-            load_ms[key] = _reply(procs[key], key)["load_ms"]  # one loads while others wait
-        per_round = min(BLOCK, iterations)
-        num_rounds = max(1, round(iterations / per_round))
-        names, rows = list(artifacts), []
-        for bs in batch_sizes:
-            samples: dict[str, list[float]] = {k: [] for k in names}
-            for r in range(num_rounds):
-                for key in names[r % len(names):] + names[:r % len(names)]:
-                    procs[key].stdin.write(f"time {bs} {per_round}\n")
-                    procs[key].stdin.flush()
-                    samples[key] += _reply(procs[key], key)
-                    time.sleep(pause_s)
-            for key, s in samples.items():
-                median = statistics.median(s)
-                rows.append(RuntimeLatency(
-                    variant=key, runtime=artifacts[key][1], batch_size=bs,
-                    num_threads=num_threads, latency_ms=median * 1e3,
-                    latency_ms_p90=_percentile(s, 0.9) * 1e3, latency_ms_min=min(s) * 1e3,
-                    images_per_sec=bs / median, iterations=len(s), load_ms=load_ms[key]))
-        for key, p in procs.items():
-            p.stdin.write("quit\n")
-            p.stdin.flush()
-            _reply(p, key)
-        return rows
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-
-
-def _reply(proc: subprocess.Popen, key: str):
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait()
-        raise RuntimeError(f"timing process of {key} failed: {proc.stderr.read().strip()[-2000:]}")
-    return json.loads(line)
 
 
 # -- loading snippets for the manifest's `selected` ------------------------------------------------

@@ -39,6 +39,7 @@ from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import quantized as nniq
 
 from quantlab.errors import ConfigError
+from quantlab.registry import FORMAT_FILES
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -358,7 +359,7 @@ def _topological(nodes, available: set[str]):
 
 
 # -- OpenVINO IR -----------------------------------------------------------------------------
-IR_FILES = ("model.xml", "model.bin")
+IR_FILES = FORMAT_FILES["openvino"]  # model.xml, model.bin
 
 
 def to_openvino(onnx_bytes: bytes) -> dict[str, bytes]:

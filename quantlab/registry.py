@@ -19,9 +19,9 @@ import re
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from quantlab.config import NAME_PATTERN
 from quantlab.errors import IntegrityError, NotFoundError, StoreError
@@ -36,9 +36,16 @@ def run_dir(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
-def artifact_path(variant: str) -> str:
-    """Path of a variant's TorchScript file, relative to the run folder."""
-    return f"artifacts/{variant}/model.torchscript.pt"
+FORMATS = ("torchscript", "onnx", "openvino")
+# The files of an artifact in each format, in its variant's folder; the first is the one a
+# runtime loads (an OpenVINO IR is two files, which must stay side by side with one stem).
+FORMAT_FILES = {"torchscript": ("model.torchscript.pt",), "onnx": ("model.onnx",),
+                "openvino": ("model.xml", "model.bin")}
+
+
+def artifact_path(variant: str, format: str = "torchscript") -> str:
+    """Path of a variant's artifact file (the loaded one) in `format`, relative to the run folder."""
+    return f"artifacts/{variant}/{FORMAT_FILES[format][0]}"
 
 
 def checkpoint_path(epoch: int) -> str:
@@ -49,26 +56,47 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _plain_relative(v: str) -> str:
+    try:
+        plain = check_relpath(v) == v and not v.startswith(".")
+    except StoreError:
+        plain = False
+    if not plain:
+        raise ValueError(f"artifact path {v!r} must be a plain relative path")
+    return v
+
+
+RelPath = Annotated[str, AfterValidator(_plain_relative)]
+
+
+class FileEntry(_Strict):
+    """A further file of a multi-file artifact (an OpenVINO IR's model.bin)."""
+
+    path: RelPath                           # relative to the run folder
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
 class ArtifactEntry(_Strict):
     variant: str = Field(pattern=_NAME)
     method: Literal["float", "ptq", "qat"]
-    path: str                               # relative to the run folder
+    path: RelPath                           # relative to the run folder: the file a runtime loads
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    bytes: int = Field(ge=0)
-    format: Literal["torchscript"] = "torchscript"
+    bytes: int = Field(ge=0)                # of that file (`size_bytes`: of all its files)
+    format: Literal["torchscript", "onnx", "openvino"] = "torchscript"
     engine: str | None = None               # quantized engine the weights were packed for
-    optimisation: str = "script"            # export.OPTIMISATIONS: script | freeze
+    optimisation: str = "script"            # export.OPTIMISATIONS: script | freeze; qdq | ir
+    files: list[FileEntry] = []             # further files, verified with it (IR: model.bin)
+    runtimes: list[str] = []                # where it runs (quantlab.runtimes); [] = torch
+    made_by: dict[str, str] = {}            # versions of the libraries that made it
 
-    @field_validator("path")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        try:
-            plain = check_relpath(v) == v and not v.startswith(".")
-        except StoreError:
-            plain = False
-        if not plain:
-            raise ValueError(f"artifact path {v!r} must be a plain relative path")
-        return v
+    @property
+    def size_bytes(self) -> int:
+        return self.bytes + sum(f.bytes for f in self.files)
+
+    def all_files(self) -> list[FileEntry]:
+        """Every file of the artifact, the loaded one first, each with its sha256."""
+        return [FileEntry(path=self.path, sha256=self.sha256, bytes=self.bytes), *self.files]
 
 
 class ResultRow(_Strict):
@@ -83,12 +111,24 @@ class ResultRow(_Strict):
     algorithms: str = ""                    # e.g. "minmax+cle+bc"; "" for float
     latency_noise: float | None = None      # relative spread of the batch-1 timing rounds
     noisy: bool = False                     # the batch-1 timing stayed noisy after re-measuring
+    runtime: str = "torch"                  # where it ran: quantlab.runtimes (torch-x86, openvino..)
+    format: Literal["torchscript", "onnx", "openvino"] = "torchscript"
+    agreement: float | None = None          # % of val images with the TorchScript artifact's
+                                            # top-1 (exports only)
+    equivalent: bool | None = None          # the export passed formats.check (None: TorchScript)
+    float_agreement: float | None = None    # % of val images with float's top-1 class
+    sqnr_db: float | None = None            # logits against float's on val/, dB
+    speedup_vs_torchscript: float | None = None  # against the float TorchScript file (`speedup`:
+                                            # against the run's fastest float runtime)
 
 
 class Selection(_Strict):
     variant: str = Field(pattern=_NAME)
     reason: str
     within_budget: bool
+    runtime: str = "torch"                  # the runtime it was chosen in (quantlab.runtimes)
+    format: Literal["torchscript", "onnx", "openvino"] = "torchscript"
+    load_snippet: str = ""                  # three lines that load and run it without quantlab
 
 
 class GateVerdict(_Strict):
@@ -138,22 +178,31 @@ class Manifest(_Strict):
     versions: dict[str, str]
     dataset: DatasetInfo
     checkpoint_layout: str | None = None    # what the float checkpoint held, e.g. "a state_dict"
-    artifacts: list[ArtifactEntry]
-    results: list[ResultRow]
+    artifacts: list[ArtifactEntry]          # TorchScript, one per variant
+    exports: list[ArtifactEntry] = []       # ONNX and OpenVINO IR files of the variants
+    results: list[ResultRow]                # one per variant, in its fastest runtime
+    runtime_results: list[ResultRow] = []   # one per (variant, runtime) timed
+    float_runtime: str | None = None        # the fastest float runtime: what `speedup` is against
     selected: Selection
     gate: GateVerdict | None = None         # None: the gate was disabled
     warnings: list[str] = []                # what looked wrong (e.g. a broken float baseline)
     report: dict[str, str] = {}             # name -> path relative to the run folder
     trigger: TriggerInfo | None = None      # None: a run from before triggers were recorded
 
-    def artifact(self, variant: str) -> ArtifactEntry:
+    def artifact(self, variant: str, format: str = "torchscript") -> ArtifactEntry:
+        """A variant's artifact in `format` (`best`: the selected variant)."""
         if variant == "best":
             variant = self.selected.variant
-        for a in self.artifacts:
-            if a.variant == variant:
+        entries = [a for a in self.artifacts + self.exports if a.variant == variant]
+        if not entries:
+            names = dict.fromkeys(a.variant for a in self.artifacts + self.exports)
+            raise NotFoundError(f"run {self.run_id} has no variant {variant!r}; valid: "
+                                f"{', '.join(['best', *names])}")
+        for a in entries:
+            if a.format == format:
                 return a
-        raise NotFoundError(f"run {self.run_id} has no variant {variant!r}; valid: "
-                            f"{', '.join(['best'] + [a.variant for a in self.artifacts])}")
+        raise NotFoundError(f"run {self.run_id} has no {format} artifact of {variant}; valid "
+                            f"formats: {', '.join(a.format for a in entries)}")
 
 
 class Alias(_Strict):
@@ -240,7 +289,7 @@ def resolve(store: Store, ref: str) -> str:
                         f"{', '.join(runs) or 'none'}")
 
 
-def verify(data: bytes, entry: ArtifactEntry, where: str) -> None:
+def verify(data: bytes, entry: ArtifactEntry | FileEntry, where: str) -> None:
     """Raise IntegrityError unless `data` has the manifest entry's sha256 and size."""
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256 or len(data) != entry.bytes:
@@ -248,17 +297,18 @@ def verify(data: bytes, entry: ArtifactEntry, where: str) -> None:
                              f"{entry.sha256[:12]}…); refusing to use it")
 
 
-def read_verified(store: Store, run_id: str, entry: ArtifactEntry) -> bytes:
-    """An artifact's bytes, verified against its manifest entry's sha256 and size."""
+def read_verified(store: Store, run_id: str, entry: ArtifactEntry | FileEntry) -> bytes:
+    """An artifact's (loaded) file, verified against its manifest entry's sha256 and size."""
     rel = f"{run_dir(run_id)}/{entry.path}"
     data = store.read_bytes(rel)
     verify(data, entry, store.uri(rel))
     return data
 
 
-def read_artifact(store: Store, manifest: Manifest, variant: str = "best") -> bytes:
-    """A complete run's artifact (`best`: the selected variant), verified."""
-    return read_verified(store, manifest.run_id, manifest.artifact(variant))
+def read_artifact(store: Store, manifest: Manifest, variant: str = "best",
+                  format: str = "torchscript") -> bytes:
+    """A complete run's artifact file (`best`: the selected variant), verified."""
+    return read_verified(store, manifest.run_id, manifest.artifact(variant, format))
 
 
 def load_artifact(store: Store, run_id: str, entry: ArtifactEntry):
@@ -270,12 +320,15 @@ def load_artifact(store: Store, run_id: str, entry: ArtifactEntry):
 
 def verified_copies(store: Store, entries: dict[str, tuple[str, ArtifactEntry]],
                     folder: str) -> dict[str, str]:
-    """Local copies of artifacts ({name: (run_id, entry)}), each sha256-verified; their paths."""
+    """Local copies of artifacts ({name: (run_id, entry)}), every file sha256-verified, each
+    artifact in its own folder (an IR's two files side by side); the paths of the loaded files."""
     paths = {}
     for name, (run_id, entry) in entries.items():
-        paths[name] = os.path.join(folder, f"{name}.pt")
-        with open(paths[name], "wb") as f:
-            f.write(read_verified(store, run_id, entry))
+        os.makedirs(os.path.join(folder, name), exist_ok=True)
+        for f in entry.all_files():
+            with open(os.path.join(folder, name, os.path.basename(f.path)), "wb") as out:
+                out.write(read_verified(store, run_id, f))
+        paths[name] = os.path.join(folder, name, os.path.basename(entry.path))
     return paths
 
 
@@ -291,25 +344,52 @@ def update_aliases(store: Store, manifest: Manifest) -> None:
         write_alias(store, name, manifest.run_id, manifest.model, manifest.selected.variant, when)
 
 
-def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None = None) -> str:
+def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None = None,
+         format: str | None = None) -> str:
     """Download a run's artifact to `dest`, verifying sha256 first; returns the path written.
 
-    The bytes stream into a temp file next to `dest` while being hashed; only a match is
-    renamed into place. On a mismatch nothing is left at `dest`.
+    `format`: torchscript, onnx or openvino; default: the format the run selected `best` in,
+    or torchscript for a named variant. An OpenVINO IR is two files (<stem>.xml and
+    <stem>.bin): both are verified before either is written. Each file streams into a temp
+    file next to `dest` while being hashed; only when every file matches are they renamed
+    into place. On a mismatch nothing is left at `dest`.
     """
     store = Store(store) if isinstance(store, str) else store
     manifest = load_manifest(store, resolve(store, ref))
-    entry = manifest.artifact(variant)
+    if format is None:
+        format = manifest.selected.format if variant == "best" else "torchscript"
+    if format not in FORMATS:
+        raise NotFoundError(f"unknown artifact format {format!r}; valid: {', '.join(FORMATS)}")
+    entry = manifest.artifact(variant, format)
     # Every part of the name matched a pattern without path separators when the manifest was
     # validated: a crafted manifest cannot steer the file out of `dest`.
-    name = f"{manifest.model}-{entry.variant}-{manifest.run_id}.pt"
+    suffix = os.path.splitext(entry.path)[1] if format != "torchscript" else ".pt"
+    name = f"{manifest.model}-{entry.variant}-{manifest.run_id}{suffix}"
     assert os.path.basename(name) == name and not name.startswith("."), name
     dest = os.path.abspath(dest or name)
     if os.path.isdir(dest):
         dest = os.path.join(dest, name)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    rel = f"{run_dir(manifest.run_id)}/{entry.path}"
-    fd, tmp = tempfile.mkstemp(prefix=".quantlab-pull-", dir=os.path.dirname(dest))
+    stem = os.path.splitext(dest)[0]
+    targets = [dest] + [stem + os.path.splitext(f.path)[1] for f in entry.files]
+    temps: list[str] = []
+    try:
+        for f in entry.all_files():
+            temps.append(_download_verified(store, manifest.run_id, f, os.path.dirname(dest)))
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+        return dest
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _download_verified(store: Store, run_id: str, entry: FileEntry, folder: str) -> str:
+    """One stored file streamed into a temp file in `folder` and hashed; its path if it matches
+    the manifest, else IntegrityError (and the temp file is gone)."""
+    rel = f"{run_dir(run_id)}/{entry.path}"
+    fd, tmp = tempfile.mkstemp(prefix=".quantlab-pull-", dir=folder)
     try:
         h = hashlib.sha256()
         size = 0
@@ -320,14 +400,13 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
                 out.write(chunk)
         if h.hexdigest() != entry.sha256 or size != entry.bytes:
             raise IntegrityError(
-                f"{store.uri(rel)} does not match run {manifest.run_id}'s manifest (sha256 "
+                f"{store.uri(rel)} does not match run {run_id}'s manifest (sha256 "
                 f"{h.hexdigest()[:12]}… != {entry.sha256[:12]}…); refusing it, nothing written")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a pulled model is a normal file
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return tmp
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 def _umask() -> int:

@@ -11,12 +11,11 @@ LATENCY, INFERENCE_NUM_THREADS; "openvino-f32" also sets INFERENCE_PRECISION_HIN
 on AMX/avx512_bf16 CPUs OpenVINO runs float models in bf16 unless told otherwise).
 
 This module imports nothing from quantlab, and torch, onnxruntime and openvino only when a
-runtime loads a file: run as a script it is the child process that times artifacts (`serve`)
-and that predicts (`predict`), and it reports which modules it imported, so a test can show an
+runtime loads a file: the timing child (quantlab/_timer.py) loads it by its path, and run as a
+script it predicts (`predict`) and reports which modules it imported, so a test can show an
 exported artifact runs where neither quantlab nor torch is installed.
 
     python runtimes.py predict < spec.json      # {"path", "runtime", "num_threads", "inputs", "output"}
-    python runtimes.py serve '<spec json>'      # then lines "time <batch> <n>" / "quit" on stdin
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from typing import Protocol
 
 if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
@@ -164,12 +162,14 @@ def get_runtime(name: str) -> Runtime:
 
 
 def runtimes_for(format: str, engine: str | None = None, int8: bool | None = None) -> list[str]:
-    """Names of the runtimes that run `format`: TorchScript in torch holding `engine` (int8)
-    or plain torch (float); ONNX in ONNX Runtime; IR in OpenVINO at its default precision, and
+    """Names of the runtimes that run `format`: TorchScript in torch holding `engine` (int8;
+    an x86 artifact also under the onednn engine, which packs its weights afresh at load) or
+    plain torch (float); ONNX in ONNX Runtime; IR in OpenVINO at its default precision, and
     for float models (`int8` False; default: whether an engine is given) also at f32."""
     int8 = engine is not None if int8 is None else int8
-    if format == "torchscript":
-        return [f"torch-{engine}" if engine else "torch"]
+    if format == "torchscript":  # x86 dispatches to fbgemm or onednn: run it under onednn too
+        return ([f"torch-{engine}", "torch-onednn"] if engine == "x86" else
+                [f"torch-{engine}"] if engine else ["torch"])
     if format == "onnx":
         return ["onnxruntime"]
     if format == "openvino":
@@ -195,37 +195,8 @@ def _predict_main() -> None:
     print(json.dumps({"modules": imported_frameworks()}))
 
 
-def _serve_main(spec: dict) -> None:
-    """`serve`: load once, warm up every batch size, then time calls on request (stdin lines)."""
-    t0 = time.perf_counter()
-    model = get_runtime(spec["runtime"]).load(spec["path"], spec["num_threads"])
-    load_ms = (time.perf_counter() - t0) * 1e3
-    rng = np.random.default_rng(0)
-    size, channels = spec["input_size"], spec.get("channels", 3)
-    inputs = {bs: rng.standard_normal((bs, channels, size, size), dtype=np.float32)
-              for bs in spec["batch_sizes"]}
-    for x in inputs.values():
-        for _ in range(spec["warmup"]):
-            model.run(x)
-    print(json.dumps({"ready": True, "load_ms": load_ms}), flush=True)
-    for line in sys.stdin:
-        cmd = line.split()
-        if not cmd or cmd[0] == "quit":
-            break
-        bs, n = int(cmd[1]), int(cmd[2])
-        x, times = inputs[bs], []
-        for _ in range(n):
-            t = time.perf_counter()
-            model.run(x)
-            times.append(time.perf_counter() - t)
-        print(json.dumps(times), flush=True)
-    print(json.dumps({"modules": imported_frameworks()}), flush=True)
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["predict"]:
         _predict_main()
-    elif sys.argv[1:2] == ["serve"]:
-        _serve_main(json.loads(sys.argv[2]))
     else:
-        sys.exit(f"usage: {os.path.basename(sys.argv[0])} predict|serve SPEC")
+        sys.exit(f"usage: {os.path.basename(sys.argv[0])} predict < SPEC")

@@ -57,8 +57,9 @@ from contextlib import contextmanager
 import torch
 from pydantic import BaseModel
 
-from quantlab import _timer
+from quantlab import _timer, runtimes
 from quantlab.backend import engine_context
+from quantlab.errors import ConfigError
 
 BLOCK = _timer.BLOCK
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 
 class Latency(BaseModel):
     variant: str
+    runtime: str = "torch"   # where it ran (quantlab.runtimes): torch-x86, onnxruntime, openvino..
     batch_size: int
     num_threads: int         # the intra-op threads used
     latency_ms: float        # median per call
@@ -259,10 +261,11 @@ def _keep_engine() -> Iterator[None]:
 
 
 class TimedFile(BaseModel):
-    """A TorchScript file to time, and how to run it."""
+    """A model file to time, and how to run it."""
 
     path: str
-    engine: str | None = None               # quantized engine to load and run it under
+    runtime: str = "torch"                  # quantlab.runtimes name: torch, onnxruntime, openvino..
+    engine: str | None = None               # quantized engine to load and run it under (torch)
     channels_last: bool = False             # feed a channels-last input
     optimize_for_inference: bool = False    # apply torch.jit.optimize_for_inference after load
 
@@ -291,6 +294,14 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
     for name, engine in (engines or {}).items():
         if engine and name in models:
             models[name] = models[name].model_copy(update={"engine": engine})
+    for name, m in models.items():
+        fmt = runtimes.format_of(m.path)
+        if not runtimes.get_runtime(m.runtime).supports(fmt):
+            raise ConfigError(f"{name}: runtime {m.runtime} cannot run {m.path}; valid for "
+                              f"{fmt}: {', '.join(runtimes.runtimes_for(fmt, m.engine))}")
+    for name, m in models.items():  # "torch-onednn": TorchScript under the onednn engine
+        if m.runtime.startswith("torch-") and not m.engine:
+            models[name] = m.model_copy(update={"engine": m.runtime.removeprefix("torch-")})
     requested = [num_threads] if isinstance(num_threads, int) else list(num_threads)
     cap = capacity()
     pairs = cap_threads(requested, cap, say) if limit_threads else [(n, n) for n in requested]
@@ -316,7 +327,7 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
     for key in settings:
         for r in best[key]:
             out.append(r.model_copy(update={
-                "attempts": attempts[key], "num_threads_requested": key[1],
+                "runtime": models[r.variant].runtime, "attempts": attempts[key], "num_threads_requested": key[1],
                 "load_avg_1m": cap.load_avg_1m, "cpus_available": cap.cpus,
                 "idle_cpus": cap.idle_cpus}))
     for r in out:

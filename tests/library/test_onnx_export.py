@@ -15,10 +15,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from quantlab import data, export, formats, models, onnx_export
+from quantlab import data, export, formats, models, onnx_export, runtimes
 from quantlab.backend import get_backend
 from quantlab.config import PTQ_PRESETS, DataConfig
 from quantlab.errors import ConfigError
+from quantlab.timing import TimedFile, measure_files
 from quantlab.train import train_one_epoch
 from tests.support import TINY_TRANSFORMS
 
@@ -71,7 +72,7 @@ def _predict_in_child(path: str, runtime: str, images_path: str, tmp_path) -> tu
     out = str(tmp_path / f"logits-{runtime}.npy")
     spec = {"path": path, "runtime": runtime, "num_threads": 1, "inputs": images_path,
             "output": out}
-    proc = subprocess.run([sys.executable, "-W", "ignore", formats.RUNTIME_TIMER, "predict"],
+    proc = subprocess.run([sys.executable, "-W", "ignore", runtimes.__file__, "predict"],
                           input=json.dumps(spec), capture_output=True, text=True,
                           cwd=str(tmp_path), env={k: v for k, v in os.environ.items()
                                                   if k != "PYTHONPATH"})
@@ -198,34 +199,37 @@ def test_unsupported_module_is_refused_by_name():
         onnx_export.fake_quantized(net, torch.rand(1, 4))
 
 
-def test_measure_runtimes_times_each_pair_in_its_own_process(tiny, tmp_path):
+def test_measure_files_times_each_runtime_in_the_same_rounds(tiny, tmp_path):
     model, calibration, _, _ = tiny
     paths = _write(tmp_path, _ptq(model, calibration), model)
-    pairs = {"int8/onnxruntime": (paths["model.onnx"], "onnxruntime"),
-             "int8/openvino": (paths["model.xml"], "openvino"),
-             "int8/torch-x86": (paths["model.torchscript.pt"], "torch-x86")}
-    rows = formats.measure_runtimes(pairs, 32, (1, 2), num_threads=1, warmup=1, iterations=5,
-                                   pause_s=0)
+    pairs = {"int8/onnxruntime": TimedFile(path=paths["model.onnx"], runtime="onnxruntime"),
+             "int8/openvino": TimedFile(path=paths["model.xml"], runtime="openvino"),
+             "int8/torch-onednn": TimedFile(path=paths["model.torchscript.pt"],
+                                            runtime="torch-onednn"),
+             "int8/torch-x86": TimedFile(path=paths["model.torchscript.pt"], runtime="torch-x86")}
+    rows = measure_files(pairs, 32, (1, 2), num_threads=1, warmup=1, iterations=5,
+                         max_remeasure=0, say=lambda line: None)
     assert sorted((r.variant, r.batch_size) for r in rows) == sorted(
         (k, b) for k in pairs for b in (1, 2))
-    assert all(r.latency_ms > 0 and r.iterations == 5 and r.runtime == pairs[r.variant][1]
-               for r in rows)
+    assert all(r.latency_ms > 0 and r.iterations == 5 and r.runtime == pairs[r.variant].runtime
+               and len(r.round_ms) == 1 for r in rows)
     with pytest.raises(ConfigError, match="runtime openvino cannot run .*model.onnx; valid for "
                                           "onnx: onnxruntime"):
-        formats.measure_runtimes({"x": (paths["model.onnx"], "openvino")}, 32)
+        measure_files({"x": TimedFile(path=paths["model.onnx"], runtime="openvino")}, 32)
 
 
 def test_manifest_entries_and_load_snippets(tiny, tmp_path):
     model, calibration, val, _ = tiny
     files = formats.export_int8(_ptq(model, calibration), ENGINE, 32)
-    entries = {e["format"]: e for e in formats.artifact_files(files, ENGINE)}
+    entries = {e.format: e for e in formats.artifact_entries(files, "v", "ptq", ENGINE)}
     assert set(entries) == {"onnx", "openvino"}
-    assert [f["path"] for f in entries["openvino"]["files"]] == ["model.xml", "model.bin"]
-    assert entries["onnx"]["runtimes"] == ["onnxruntime"]
-    assert entries["openvino"]["runtimes"] == ["openvino"]
-    assert {"onnx", "openvino", "torch"} <= set(entries["onnx"]["made_by"])
+    assert [f.path for f in entries["openvino"].all_files()] == ["artifacts/v/model.xml",
+                                                                 "artifacts/v/model.bin"]
+    assert entries["onnx"].runtimes == ["onnxruntime"]
+    assert entries["openvino"].runtimes == ["openvino"]
+    assert {"onnx", "openvino", "torch"} <= set(entries["onnx"].made_by)
     import hashlib
-    assert entries["onnx"]["files"][0]["sha256"] == hashlib.sha256(files["model.onnx"]).hexdigest()
+    assert entries["onnx"].sha256 == hashlib.sha256(files["model.onnx"]).hexdigest()
     onnx_export.write_files(files, str(tmp_path))
     images, _ = formats.as_numpy(val[:1])
     for fmt, runtime in (("onnx", "onnxruntime"), ("openvino", "openvino")):
