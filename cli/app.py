@@ -6,7 +6,7 @@
                                                       one node of a (multi-node) QAT job
     quantlab runs [--store URI]                       complete runs in a store
     quantlab show RUN|ALIAS [--store URI]             one run's manifest, results and choice
-    quantlab pull RUN|ALIAS [--variant NAME|best] [--dest PATH]
+    quantlab pull RUN|ALIAS [--variant NAME|best] [--format torchscript|onnx|openvino] [--dest PATH]
     quantlab announce CHECKPOINT_URI --model NAME [--store URI] [--force]
                                                       emit the event that re-quantizes it
     quantlab deploy [--prefect-file deploy/prefect.yaml]  register the scheduled deployments
@@ -138,7 +138,8 @@ def _print_outcome(outcome) -> None:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
     if m.gate is not None:
         console.print(f"regression gate: {m.gate.reason}")
-    console.print(f"selected [bold]{m.selected.variant}[/bold]: {m.selected.reason}")
+    console.print(f"selected [bold]{m.selected.variant}[/bold] in {m.selected.runtime}: "
+                  f"{m.selected.reason}")
     console.print(f"artifacts in {outcome.store}/runs/{m.run_id}/  "
                   f"(pull: quantlab pull {m.run_id} --store {outcome.store})")
 
@@ -320,7 +321,8 @@ def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
         return
     console.print(report.rich_table(m.results, m.selected.variant,
                                     title=f"run {m.run_id}: {m.model} ({m.status})"))
-    console.print(f"selected [bold]{m.selected.variant}[/bold]: {m.selected.reason}")
+    console.print(f"selected [bold]{m.selected.variant}[/bold] in {m.selected.runtime}: "
+                  f"{m.selected.reason}")
     for r in m.results:
         if r.float_layers:
             console.print(f"{r.variant} keeps in float: {', '.join(r.float_layers)}")
@@ -335,29 +337,36 @@ def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
         console.print(f"{len(m.dataset.skipped_images)} undecodable image(s) left out: "
                       + ", ".join(m.dataset.skipped_images[:10])
                       + (" …" if len(m.dataset.skipped_images) > 10 else ""), highlight=False)
-    for a in m.artifacts:
-        console.print(f"  {a.variant:<16} {a.bytes:>10,} B  sha256 {a.sha256[:16]}…  "
-                      f"{st.uri(f'runs/{m.run_id}/{a.path}')}")
+    for a in m.artifacts + m.exports:
+        console.print(f"  {a.variant:<16} {a.format:<11} {a.size_bytes:>10,} B  sha256 "
+                      f"{a.sha256[:16]}…  {st.uri(f'runs/{m.run_id}/{a.path}')}")
 
 
 @app.command()
 def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best, ...)")],
          variant: Annotated[str, typer.Option(help="variant name, or best (the selected one)")] = "best",
          dest: Annotated[Optional[str], typer.Option(help="file (or folder) to write")] = None,
+         format: Annotated[Optional[str], typer.Option(
+             "--format", help="torchscript, onnx or openvino (an IR: .xml and .bin); default: "
+             "the format best was selected in, torchscript for a named variant")] = None,
          store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
     """Download a model, verifying its sha256 against the run's manifest.
 
     `best` is the run's selected variant; the promoted model of a model name is the alias
     `best-<model>` (moved only by runs that pass the regression gate).
     """
-    from quantlab.registry import load_manifest, resolve
+    from quantlab import runtimes
+    from quantlab.registry import FORMATS, load_manifest, resolve
     from quantlab.registry import pull as pull_artifact
     from quantlab.store import Store
 
+    if format is not None and format not in FORMATS:
+        raise typer.BadParameter(f"{format!r} is not an artifact format; valid: "
+                                 f"{', '.join(FORMATS)}", param_hint="--format")
     _apply_storage_options(storage_option)
     st = Store(store)
     manifest = load_manifest(st, resolve(st, ref))
-    path = pull_artifact(st, manifest.run_id, variant=variant, dest=dest)
+    path = pull_artifact(st, manifest.run_id, variant=variant, dest=dest, format=format)
     if variant == "best" and manifest.status == "rejected":
         err_console.print(f"[yellow]warning:[/yellow] run {manifest.run_id} was rejected by the "
                           f"regression gate; the promoted model is best-{manifest.model}",
@@ -366,7 +375,15 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
         err_console.print(f"[yellow]warning:[/yellow] run {manifest.run_id}'s best variant "
                           f"{manifest.selected.variant} is outside its accuracy budget "
                           f"({manifest.selected.reason})", highlight=False, soft_wrap=True)
-    console.print(f"wrote {path} (sha256 verified); load it with torch.jit.load")
+    entry = manifest.artifact(variant, format or (manifest.selected.format if variant == "best"
+                                                  else "torchscript"))
+    selected = variant in ("best", manifest.selected.variant) and \
+        entry.format == manifest.selected.format
+    runtime = manifest.selected.runtime if selected else (entry.runtimes or ["torch"])[0]
+    also = " and its .bin" if entry.files else ""
+    console.print(f"wrote {path}{also} (sha256 verified); load it in {runtime}:", highlight=False)
+    console.print(runtimes.load_snippet(runtime, os.path.basename(path)), highlight=False,
+                  markup=False)
 
 
 @app.command()

@@ -1,10 +1,11 @@
-"""The `quantize` flow: float checkpoint + ImageFolder data -> int8 TorchScript models.
+"""The `quantize` flow: float checkpoint + ImageFolder data -> int8 models (TorchScript, ONNX, OpenVINO IR).
 
     python flows/quantize.py run.yaml        # a local run against the ephemeral Prefect API
     quantlab run run.yaml                     # the same, through the CLI
 
 Stages: validate, stage data (every image decoded; only then does the run start in the
-store), float baseline, PTQ variants in parallel, per-layer sensitivity
+store), float baseline, PTQ variants and the nncf-ptq peer in parallel (each exported to ONNX
+and OpenVINO IR and checked in every runtime), per-layer sensitivity
 and the float-fallback variant, multi-epoch QAT on gloo workers, convert and script,
 benchmark, regression gate, report. The run's manifest is written last. If the gate finds a
 regression against the previous best-<model>, the run is recorded as rejected (`best` stays)
@@ -88,6 +89,8 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
     with fan_out(config.dask_address) as submit:
         ptq = [submit(steps.ptq_variant, config=config, staged=staged, run=run, variant=v)
                for v in config.variants]
+        if config.nncf_peer:
+            ptq.append(submit(steps.nncf_peer, config=config, staged=staged, run=run))
         results += [f.result(timeout=steps.TIMEOUTS["ptq"]) for f in ptq]
     progress.done("ptq")
     ranking = None
@@ -106,15 +109,15 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
         results.append(steps.export_qat(config, staged, run))
     progress.done("qat-export")
 
-    latencies = steps.benchmark(config, run, [r.artifact for r in results])
+    latencies = steps.benchmark(config, run, results)
     progress.done("benchmark")
-    rows, selected = pipeline.select(config, results, latencies)
+    pairs, rows, selected = pipeline.select(config, results, latencies)
     gate = None
     if config.gate.enabled:
         gate = steps.regression_gate(config, run, staged, results, selected)
     progress.done("gate")
-    outcome = steps.finalize(config, run, staged, results, rows, selected, epochs, ranking, gate,
-                             events.trigger_info(trigger, sha256))
+    outcome = steps.finalize(config, run, staged, results, pairs, rows, selected, epochs,
+                             ranking, gate, events.trigger_info(trigger, sha256))
     progress.done("report")
     if sha256 is not None:
         events.record_outcome(config, sha256, run_id=run.run_id)

@@ -351,6 +351,32 @@ class GateConfig(_Model):
                                   "regression must show in every one (noise seldom repeats)")
 
 
+NNCF_PEER = "nncf-ptq"  # the in-run peer variant: NNCF's own PTQ of the float model
+
+
+class FormatsConfig(_Model):
+    """Deployment artifacts beside TorchScript (quantlab.formats; docs/export.md): every int8
+    variant (and float) exported to ONNX with QDQ nodes and to OpenVINO IR, each checked in
+    its runtime on val/ and timed; and the peer `nncf-ptq`, NNCF's own PTQ of the float model.
+    """
+
+    export: tuple[Literal["onnx", "openvino"], ...] = Field(
+        ("onnx", "openvino"), description="formats to export every variant to; () for "
+        "TorchScript only")
+    nncf_peer: bool = Field(True, description=f"add the variant {NNCF_PEER!r}: the float model "
+                            "quantized by nncf.quantize (defaults) on the same calibration "
+                            "images, as OpenVINO IR")
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _formats(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else list(v or ())
+        bad = [x for x in items if x not in ("onnx", "openvino")]
+        if bad:
+            raise ValueError(f"formats.export {bad[0]!r} is not a format; valid: onnx, openvino")
+        return tuple(dict.fromkeys(items))
+
+
 class RunConfig(_Model):
     """Everything a `quantize` run needs."""
 
@@ -370,6 +396,7 @@ class RunConfig(_Model):
                                      "the previous best that the regression gate allows")
     sensitivity: SensitivityConfig = SensitivityConfig()
     gate: GateConfig = GateConfig()
+    formats: FormatsConfig = FormatsConfig()
     seed: int = 0
     run_id: str | None = Field(None, description="None: a new id; an existing id resumes it")
     dask_address: str | None = Field(
@@ -413,9 +440,11 @@ class RunConfig(_Model):
                              f"run's PTQ variants; valid: {', '.join(ptq) or 'none (add one)'} "
                              "(or set sensitivity.enabled: false)")
         names = self.variant_names()
-        dupes = sorted({n for n in names if names.count(n) > 1} | ({"float"} & set(names)))
+        reserved = {"float"} | ({NNCF_PEER} if self.formats.nncf_peer else set())
+        dupes = sorted({n for n in names if names.count(n) > 1} | (reserved & set(names)))
         if dupes:
-            raise ValueError(f"variant names must be unique and not 'float': {', '.join(dupes)}")
+            raise ValueError(f"variant names must be unique and not {' or '.join(sorted(reserved))}"
+                             f": {', '.join(dupes)}")
         return self
 
     @property
@@ -439,6 +468,11 @@ class RunConfig(_Model):
                      else [self.fallback_name] if self.fallback_name else [])
         return ([v.name for v in self.variants] + fallbacks
                 + ([self.qat.name] if self.qat.enabled else []))
+
+    @property
+    def nncf_peer(self) -> str | None:
+        """The peer variant's name, None when the run builds none."""
+        return NNCF_PEER if self.formats.nncf_peer else None
 
     def variant(self, name: str) -> VariantConfig:
         """The PTQ variant called `name`."""

@@ -74,3 +74,12 @@ def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = Non
     """Evaluate in eval mode on all of `loader`, or its first `max_batches` batches
     (`logits`: a list that receives the outputs, batch by batch)."""
     return result_from(count(model, loader, max_batches, on_batch, logits))
+
+
+def result_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    """EvalResult of logits computed elsewhere (another runtime), with their labels."""
+    logits, labels = torch.as_tensor(logits, dtype=torch.float32), torch.as_tensor(labels)
+    h1, h5 = correct_topk(logits, labels)
+    loss = float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+    c5 = float("nan") if logits.shape[1] <= 5 else h5
+    return result_from(torch.tensor([loss, h1, c5, len(labels)], dtype=torch.float64))

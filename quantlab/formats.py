@@ -165,29 +165,6 @@ def check_equivalence(path: str, runtime: str, reference_path: str | None,
     return compare_logits(logits, labels, float_logits, reference, runtime)
 
 
-# -- loading snippets for the manifest's `selected` ------------------------------------------------
-def load_snippet(format: str, runtime: str, num_threads: int = 2) -> str:
-    """Three lines that load and run the selected artifact in its runtime, without quantlab."""
-    if format == "onnx":
-        return ("import onnxruntime as ort\n"
-                "s = ort.InferenceSession('model.onnx', providers=['CPUExecutionProvider'])\n"
-                "logits = s.run(None, {'input': images})[0]  # float32 NCHW numpy")
-    if format == "openvino":
-        hint = ", 'INFERENCE_PRECISION_HINT': 'f32'" if runtime == "openvino-f32" else ""
-        return ("import openvino as ov\n"
-                f"m = ov.Core().compile_model('model.xml', 'CPU', {{'PERFORMANCE_HINT': "
-                f"'LATENCY', 'INFERENCE_NUM_THREADS': {num_threads}{hint}}})\n"
-                "logits = m(images)[0]  # float32 NCHW numpy")
-    if format == "torchscript":
-        engine = runtime.removeprefix("torch").lstrip("-")
-        first = (f"import torch; torch.backends.quantized.engine = '{engine}'" if engine
-                 else "import torch")
-        return (f"{first}\n"
-                "m = torch.jit.load('model.torchscript.pt').eval()\n"
-                "logits = m(images)  # float32 NCHW tensor")
-    raise ConfigError(f"unknown artifact format {format!r}; valid: {', '.join(FORMAT_FILES)}")
-
-
 def as_numpy(loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
     """All (images, labels) of a loader as two numpy arrays (test data for `predict` children)."""
     images, labels = [], []

@@ -1,6 +1,6 @@
 """The regression gate: may this run's selected model replace `best-<model>`?
 
-    verdict = regression_gate(cfg, store, staged, run_id, selected_artifact, selected_top1)
+    verdict = regression_gate(cfg, store, staged, run_id, selected_artifact, runtime, top1)
     verdict.passed                      # False: the run is recorded as rejected, `best` stays
 
 Numbers from different runs are never compared: the previous best is evaluated on this run's
@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import tempfile
 
-from quantlab import data, export, registry
-from quantlab.timing import compare
+from quantlab import data, formats, registry
+from quantlab.timing import TimedFile, compare
 from quantlab.config import RunConfig
 from quantlab.data import StagedData
-from quantlab.evaluate import evaluate
-from quantlab.registry import ArtifactEntry, GateVerdict
+from quantlab.registry import ArtifactEntry, GateVerdict, Selection
 from quantlab.store import Store
 
 
 def regression_gate(cfg: RunConfig, store: Store, staged: StagedData, run_id: str,
-                    candidate: ArtifactEntry, candidate_top1: float) -> GateVerdict | None:
-    """The verdict on `candidate` (this run's selected artifact); None when the gate is disabled.
+                    candidate: ArtifactEntry, candidate_runtime: str,
+                    candidate_top1: float) -> GateVerdict | None:
+    """The verdict on `candidate` (this run's selected artifact, in the runtime it was
+    selected in); None when the gate is disabled.
 
     Stored accuracies may come from another dataset or evaluation setting, stored latencies
     from another machine or load. So the previous best's artifact (sha256-verified) is
-    evaluated on this run's val/ and timed at batch 1 side by side with the candidate,
-    interleaved; a latency regression must show in each of up to `gate.latency_attempts` such
+    evaluated on this run's val/ in the runtime it was selected in and timed at batch 1 side by
+    side with the candidate (each in its runtime), interleaved; a latency regression must show in each of up to `gate.latency_attempts` such
     measurements. If the previous best was made for other classes or another input size, the
     two models do not solve the same task: the gate passes, saying so.
     """
@@ -41,7 +42,8 @@ def regression_gate(cfg: RunConfig, store: Store, staged: StagedData, run_id: st
                            "first", **limits)
     pointer = registry.read_alias(store, alias)
     previous = registry.load_manifest(store, pointer.run_id)
-    entry = previous.artifact(pointer.variant or "best")
+    entry = previous.artifact(pointer.variant or "best", previous.selected.format)
+    previous_runtime = selected_runtime(previous.selected, entry)
     if (previous.dataset.classes != staged.classes
             or previous.input_size != cfg.data.transforms.input_size):
         return GateVerdict(passed=True, previous_run_id=previous.run_id,
@@ -54,20 +56,28 @@ def regression_gate(cfg: RunConfig, store: Store, staged: StagedData, run_id: st
     with tempfile.TemporaryDirectory(prefix="quantlab-gate-") as tmp:
         paths = registry.verified_copies(store, {"reference": (previous.run_id, entry),
                                                  "candidate": (run_id, candidate)}, tmp)
-        with open(paths["reference"], "rb") as f:  # verified above: read the store once
-            previous_top1 = evaluate(export.load(f.read(), engine=entry.engine),
-                                     data.loader(staged, cfg.data, "val", train=False),
-                                     cfg.data.max_eval_batches).top1
-        old, now, attempts = compare(paths["reference"], paths["candidate"],
+        logits, labels = formats.predict(paths["reference"], previous_runtime,
+                                         data.loader(staged, cfg.data, "val", train=False),
+                                         b.num_threads, cfg.data.max_eval_batches)
+        previous_top1 = 100.0 * float((logits.argmax(1) == labels).mean())
+        old, now, attempts = compare(TimedFile(path=paths["reference"], runtime=previous_runtime),
+                                     TimedFile(path=paths["candidate"], runtime=candidate_runtime),
                                      cfg.data.transforms.input_size,
                                      1.0 + cfg.gate.max_latency_increase,
                                      cfg.gate.latency_attempts, b.num_threads, b.warmup,
-                                     b.iterations, engines={"reference": entry.engine,
-                                                            "candidate": candidate.engine})
+                                     b.iterations)
     return judge(candidate_top1, now.latency_ms, previous_top1, old.latency_ms,
                  previous_run_id=previous.run_id, previous_variant=entry.variant,
                  same_dataset=previous.dataset.fingerprint == staged.fingerprint,
                  latency_attempts=attempts, **limits)
+
+
+def selected_runtime(selected: Selection, entry: ArtifactEntry) -> str:
+    """The runtime a run's selected artifact runs in (runs from before runtimes were recorded
+    say "torch": their int8 TorchScript runs under its own engine)."""
+    if selected.runtime == "torch" and entry.engine:
+        return f"torch-{entry.engine}"
+    return selected.runtime
 
 
 def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency_ms: float, *,

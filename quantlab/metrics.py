@@ -32,13 +32,23 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("method", pa.string()),            # float | ptq | qat
         ("model", pa.string()), ("backend", pa.string()), ("engine", pa.string()),
         ("algorithms", pa.string()),        # e.g. minmax+cle+bc (VariantConfig.algorithms)
+        ("runtime", pa.string()),           # torch-x86, torch-onednn, onnxruntime, openvino, ..
+        ("format", pa.string()),            # torchscript | onnx | openvino
         ("top1", pa.float64()), ("top5", pa.float64()),  # percent, 0-100
-        ("loss", pa.float64()), ("num_images", pa.int64()), ("size_bytes", pa.int64()),
+        ("loss", pa.float64()),             # top-5 and loss: of the TorchScript evaluation
+        ("num_images", pa.int64()), ("size_bytes", pa.int64()),
+        ("agreement", pa.float64()),        # % of images with the TorchScript artifact's top-1
+        ("float_agreement", pa.float64()),  # % of images with float's top-1
+        ("sqnr_db", pa.float64()),          # logits against float's, dB
+        ("equivalent", pa.bool_()),         # an export passed its check (null: TorchScript)
         ("created_at", _TS),
     ]),
     "benchmarks": pa.schema([
         ("run_id", pa.string()), ("variant", pa.string()), ("model", pa.string()),
-        ("engine", pa.string()), ("input_size", pa.int64()),
+        ("engine", pa.string()),
+        ("runtime", pa.string()),            # quantlab.runtimes: torch-x86, onnxruntime, ..
+        ("format", pa.string()),             # torchscript | onnx | openvino
+        ("input_size", pa.int64()),
         ("batch_size", pa.int64()), ("num_threads", pa.int64()),
         ("latency_ms", pa.float64()),        # median
         ("latency_ms_p90", pa.float64()), ("latency_ms_min", pa.float64()),

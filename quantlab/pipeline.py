@@ -16,10 +16,12 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
     results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))  # fallback_name
     train_qat(cfg, staged, run)
     results.append(export_qat(cfg, staged, run))
-    latencies = benchmark(cfg, run, [r.artifact for r in results])
-    rows, selected = select(cfg, results, latencies)
+    results.append(nncf_peer(cfg, staged, run))      # cfg.formats.nncf_peer: NNCF's own PTQ
+    latencies = benchmark(cfg, run, results)        # each variant in each of its runtimes
+    pairs, rows, selected = select(cfg, results, latencies)
     verdict = regression_gate(cfg, run, staged, results, selected)
-    outcome = finalize(cfg, run, staged, results, rows, selected, ranking=ranking, gate=verdict)
+    outcome = finalize(cfg, run, staged, results, pairs, rows, selected, ranking=ranking,
+                       gate=verdict)
     # outcome.manifest.status == "rejected" when the gate failed: `best` was not moved
 
 The policies live in their own modules: PTQ in quantlab.ptq, the choice in quantlab.selection,
@@ -29,6 +31,7 @@ the regression gate in quantlab.gate.
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import logging
 import os
@@ -42,20 +45,25 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 
-from quantlab import __version__, algorithms, installed_versions, data, export, metrics, models, qat, registry, report
+import numpy as np
+
+from quantlab import (__version__, algorithms, data, export, formats, installed_versions, metrics,
+                      models, onnx_export, qat, registry, report, runtimes)
 from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
 from quantlab.backend import check_engine, get_backend
-from quantlab.timing import Latency, measure_files, table_row
+from quantlab.formats import Equivalence
+from quantlab.timing import Latency, TimedFile, measure_files, table_row
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
 from quantlab.distributed import launch
 from quantlab.errors import ConfigError, DataError, NotFoundError
-from quantlab.evaluate import EvalResult, evaluate
+from quantlab.evaluate import EvalResult, evaluate, result_of_logits
 from quantlab.ptq import calibrate, calibration_loader, quantize_ptq
 from quantlab.registry import (ArtifactEntry, DatasetInfo, GateVerdict, Manifest, ResultRow,
                                Selection, TriggerInfo)
-from quantlab.selection import comparison, float_baseline_warnings, timing_warnings
+from quantlab.selection import (comparison, fastest_per_variant, float_baseline_warnings,
+                                timing_warnings)
 from quantlab.selection import select as select_variant
 from quantlab.sensitivity import FallbackStep, LayerSensitivity, SensitivityResult
 from quantlab.store import PREFLIGHT_RETRY_DELAYS, Store
@@ -81,6 +89,14 @@ class VariantResult(BaseModel):
     fallback_steps: list[FallbackStep] = [] # the fallback's greedy search, step 0 = its base
     checkpoint_layout: str | None = None    # float: what the checkpoint held (models.read_state_dict)
     algorithms: str = ""                    # e.g. "minmax+cle+bc" (VariantConfig.algorithms)
+    exports: list[ArtifactEntry] = []       # its ONNX and OpenVINO IR files (formats.export)
+    runtimes: list[Equivalence] = []        # evaluated on val/ in each runtime, the artifact's first
+    export_error: str | None = None         # why it could not be exported (it stays TorchScript)
+
+    def entry_for(self, runtime: str) -> ArtifactEntry:
+        """The artifact file a runtime runs."""
+        fmt = runtimes.format_for(runtime)
+        return next(a for a in [self.artifact, *self.exports] if a.format == fmt)
 
 
 class Outcome(BaseModel):
@@ -201,27 +217,56 @@ def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
                                                  **cfg.model.kwargs)
     if layout != "a state_dict":
         log.info("checkpoint %s: loaded %s", cfg.model.checkpoint, layout)
-    result = _store_variant(cfg, store_of(cfg), run, "float", "float", None,
-                            models.fuse(model, is_qat=False), float_eval)
+    store, fused = store_of(cfg), models.fuse(model, is_qat=False)
+    logits: list[torch.Tensor] = []
+    evaluate(fused, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
+    labels = _val_labels(cfg, staged)
+    buf = io.BytesIO()
+    np.savez(buf, logits=torch.cat(logits).numpy(), labels=labels)
+    store.write_bytes(f"{registry.run_dir(run.run_id)}/{FLOAT_LOGITS}", buf.getvalue())
+    result = _store_variant(cfg, store, run, staged, "float", "float", None, fused, float_eval,
+                            logits=torch.cat(logits))
     return result.model_copy(update={"checkpoint_layout": layout})
+
+
+FLOAT_LOGITS = "evaluation/float-val-logits.npz"  # in the run folder: float's logits on val/
+
+
+def _val_labels(cfg: RunConfig, staged: StagedData) -> np.ndarray:
+    batches = itertools.islice(val_loader(cfg, staged), cfg.data.max_eval_batches)
+    return np.concatenate([np.asarray(target) for _, target in batches])
+
+
+def float_val_logits(store: Store, run: RunInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Float's val/ logits and the labels, as `export_float` stored them for this run."""
+    rel = f"{registry.run_dir(run.run_id)}/{FLOAT_LOGITS}"
+    if not store.exists(rel):
+        raise NotFoundError(f"run {run.run_id} has no float logits on val/ ({store.uri(rel)}): "
+                            "export_float comes before the variants, which are compared with it")
+    with np.load(io.BytesIO(store.read_bytes(rel))) as z:
+        return z["logits"], z["labels"]
 
 
 # -- PTQ -----------------------------------------------------------------------------------
 def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
     """Fuse, insert observers, calibrate, convert to int8, evaluate, script, store."""
-    int8, result = _quantize(cfg, staged, variant)
-    return _store_variant(cfg, store_of(cfg), run, variant.name, "ptq", variant.engine, int8,
-                          result, variant.algorithms)
+    int8, result, logits = _quantize(cfg, staged, variant)
+    return _store_variant(cfg, store_of(cfg), run, staged, variant.name, "ptq", variant.engine,
+                          int8, result, variant.algorithms, logits)
 
 
 def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
-              float_layers: list[str] | tuple = ()) -> tuple[torch.nn.Module, EvalResult]:
-    """A PTQ variant's int8 model (with `float_layers` kept in float) and its val accuracy."""
+              float_layers: list[str] | tuple = ()
+              ) -> tuple[torch.nn.Module, EvalResult, torch.Tensor]:
+    """A PTQ variant's int8 model (with `float_layers` kept in float), its val accuracy and
+    its val logits."""
     int8 = quantize_ptq(load_float(cfg, len(staged.classes)), variant,
                         calibration_loader(cfg, staged, variant.num_calibration_batches),
                         float_layers)
-    return int8, evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
+    logits: list[torch.Tensor] = []
+    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
+    return int8, result, torch.cat(logits)
 
 
 # -- per-layer sensitivity and the float fallback ------------------------------------------
@@ -284,7 +329,7 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
     """
     variant = cfg.variant(ranking.variant)
     name = f"{ranking.variant}-fallback"
-    built: dict[int, tuple[torch.nn.Module, EvalResult]] = {}
+    built: dict[int, tuple[torch.nn.Module, EvalResult, torch.Tensor]] = {}
 
     def top1_with(layers: list[str]) -> float:
         built.clear()  # only the newest model is kept
@@ -297,9 +342,10 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
                                  float_eval.top1 - cfg.max_accuracy_drop,
                                  cfg.sensitivity.max_float_layers, cfg.sensitivity.patience)
     float_layers = [x.layer for x in ranking.layers[:sens.chosen_step(steps).num_float_layers]]
-    int8, result = built.get(len(float_layers)) or _quantize(cfg, staged, variant, float_layers)
-    stored = _store_variant(cfg, store_of(cfg), run, name, "ptq", variant.engine,
-                            int8, result, f"{variant.algorithms}+fallback")
+    int8, result, logits = (built.get(len(float_layers))
+                            or _quantize(cfg, staged, variant, float_layers))
+    stored = _store_variant(cfg, store_of(cfg), run, staged, name, "ptq", variant.engine,
+                            int8, result, f"{variant.algorithms}+fallback", logits)
     return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
 
 
@@ -351,58 +397,190 @@ def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResul
     model = qat.build_qat_model(cfg, len(staged.classes))
     qat.restore(model, qat.load_checkpoint(store, run.run_id, cfg.qat.epochs))
     int8 = get_backend().convert(model, cfg.qat.engine)
-    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches)
-    return _store_variant(cfg, store, run, cfg.qat.name, "qat", cfg.qat.engine, int8, result,
-                          "qat")
+    logits: list[torch.Tensor] = []
+    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
+    return _store_variant(cfg, store, run, staged, cfg.qat.name, "qat", cfg.qat.engine, int8,
+                          result, "qat", torch.cat(logits))
 
 
 # -- storing, benchmarking, choosing, reporting -----------------------------------------------
-def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, variant: str, method: str,
-                   engine: str | None, model: torch.nn.Module, result: EvalResult,
-                   algorithms: str = "") -> VariantResult:
-    """Script a model, store the artifact and its `evaluations` row."""
+def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedData,
+                   variant: str, method: str, engine: str | None, model: torch.nn.Module,
+                   result: EvalResult, algorithms: str = "",
+                   logits: torch.Tensor | None = None) -> VariantResult:
+    """Script a model and store the artifact; export it to the run's other formats and store
+    them; evaluate it in every runtime against float (and each export against the TorchScript
+    artifact, `logits` being its val/ logits); one `evaluations` row per runtime."""
     payload = export.artifact_bytes(model, engine)
     entry = ArtifactEntry(variant=variant, method=method, path=registry.artifact_path(variant),
                           sha256=export.sha256(payload), bytes=len(payload), engine=engine,
-                          optimisation=export.ARTIFACT_OPTIMISATION)
+                          optimisation=export.ARTIFACT_OPTIMISATION,
+                          runtimes=runtimes.runtimes_for("torchscript", engine))
     store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", payload)
-    metrics.write_rows(store, "evaluations", [{
-        "run_id": run.run_id, "variant": variant, "method": method, "model": cfg.model.name,
-        "backend": get_backend().name, "engine": engine or "", "algorithms": algorithms,
-        "top1": result.top1,
-        "top5": result.top5, "loss": result.loss, "num_images": result.num_images,
-        "size_bytes": entry.bytes}], run.run_id, variant, run.created_at)
-    return VariantResult(variant=variant, method=method, engine=engine, eval=result,
-                         artifact=entry, algorithms=algorithms)
+    exports, export_error = [], None
+    if cfg.formats.export:
+        try:
+            files = (formats.export_float(model, cfg.data.transforms.input_size)
+                     if method == "float" else
+                     formats.export_int8(model, engine, cfg.data.transforms.input_size))
+        except onnx_export.ExportError as e:
+            export_error = str(e)
+            log.warning("%s: not exported (it stays TorchScript only): %s", variant, e)
+        else:
+            exports = [e for e in formats.artifact_entries(files, variant, method, engine)
+                       if e.format in cfg.formats.export]
+            for e in exports:
+                for f in e.all_files():
+                    store.write_bytes(f"{registry.run_dir(run.run_id)}/{f.path}",
+                                      files[os.path.basename(f.path)])
+    stored = VariantResult(variant=variant, method=method, engine=engine, eval=result,
+                           artifact=entry, algorithms=algorithms, exports=exports,
+                           export_error=export_error)
+    equivalence = _check_runtimes(cfg, store, run, staged, stored, logits)
+    _write_evaluations(cfg, store, run, stored, equivalence)
+    return stored.model_copy(update={"runtimes": equivalence})
 
 
-def benchmark(cfg: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
-    """Time float and every int8 artifact the same way, interleaved, in a fresh process (see
-    `timing.measure_files`); store `benchmarks` rows. Artifacts are sha256-verified first."""
+def _check_runtimes(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedData,
+                    result: VariantResult, logits: torch.Tensor | None) -> list[Equivalence]:
+    """The variant in each runtime that runs one of its files, evaluated on val/: against
+    float, and (all but the first, which made `logits`) against its TorchScript artifact
+    (formats.compare_logits: agreement and top-1 must hold, or the pair is not selected)."""
+    float_logits, labels = float_val_logits(store, run)
+    reference = logits.numpy() if logits is not None else None
+    pairs = [(entry, rt) for entry in [result.artifact, *result.exports]
+             for rt in entry.runtimes]
+    out = []
+    if reference is not None:  # the TorchScript artifact in its own engine: the reference
+        first = formats.compare_logits(reference, labels, float_logits, None, pairs[0][1])
+        out.append(first.model_copy(update={"reason": "the TorchScript artifact: the reference"}))
+        pairs = pairs[1:]
+    if not pairs:
+        return out
+    with tempfile.TemporaryDirectory(prefix="quantlab-check-") as tmp:
+        paths = registry.verified_copies(
+            store, {f"{e.format}": (run.run_id, e) for e in {e.format: e for e, _ in pairs}.values()},
+            tmp)
+        for entry, rt in pairs:
+            predicted, _ = formats.predict(paths[entry.format], rt, val_loader(cfg, staged),
+                                           cfg.timing.num_threads, cfg.data.max_eval_batches)
+            eq = formats.compare_logits(predicted, labels, float_logits, reference, rt)
+            log.info("%s in %s: top-1 %.2f, %s", result.variant, rt, eq.top1, eq.reason)
+            out.append(eq)
+    return out
+
+
+def _write_evaluations(cfg: RunConfig, store: Store, run: RunInfo, result: VariantResult,
+                       equivalence: list[Equivalence]) -> None:
+    """One `evaluations` row per runtime the variant was evaluated in (the TorchScript
+    artifact's first: its loss and top-5 come from the in-process evaluation)."""
+    rows = []
+    for eq in equivalence or [None]:
+        runtime = eq.runtime if eq else result.artifact.runtimes[0]
+        entry = result.entry_for(runtime)
+        own = entry is result.artifact and runtime == result.artifact.runtimes[0]
+        rows.append({
+            "run_id": run.run_id, "variant": result.variant, "method": result.method,
+            "model": cfg.model.name, "backend": get_backend().name,
+            "engine": result.engine or "", "algorithms": result.algorithms,
+            "runtime": runtime, "format": entry.format,
+            "top1": eq.top1 if eq else result.eval.top1,
+            "top5": result.eval.top5 if own else None, "loss": result.eval.loss if own else None,
+            "num_images": eq.num_images if eq else result.eval.num_images,
+            "size_bytes": entry.size_bytes,
+            "agreement": eq.agreement if eq else None,
+            "float_agreement": eq.float_agreement if eq else None,
+            "sqnr_db": eq.sqnr_db if eq else None,
+            "equivalent": eq.passed if eq else None})
+    metrics.write_rows(store, "evaluations", rows, run.run_id, result.variant, run.created_at)
+
+
+def nncf_peer(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
+    """`nncf-ptq`: the fused float model quantized by NNCF's own `nncf.quantize` (its
+    defaults) on the same calibration images as the PTQ variants, as OpenVINO IR; evaluated
+    in OpenVINO on val/ and stored like every variant (it has no TorchScript artifact)."""
+    store = store_of(cfg)
+    fused = models.fuse(load_float(cfg, len(staged.classes)), is_qat=False)
+    num_batches = cfg.variants[0].num_calibration_batches if cfg.variants else 32
+    files = formats.nncf_peer(onnx_export.to_onnx_float(fused, cfg.data.transforms.input_size),
+                              calibration_loader(cfg, staged, num_batches))
+    (entry,) = formats.artifact_entries(files, cfg.nncf_peer, "ptq", None, int8=True)
+    for f in entry.all_files():
+        store.write_bytes(f"{registry.run_dir(run.run_id)}/{f.path}",
+                          files[os.path.basename(f.path)])
+    float_logits, labels = float_val_logits(store, run)
+    with tempfile.TemporaryDirectory(prefix="quantlab-nncf-") as tmp:
+        path = registry.verified_copies(store, {"nncf": (run.run_id, entry)}, tmp)["nncf"]
+        logits, _ = formats.predict(path, entry.runtimes[0], val_loader(cfg, staged),
+                                    cfg.timing.num_threads, cfg.data.max_eval_batches)
+    eq = formats.compare_logits(logits, labels, float_logits, None, entry.runtimes[0])
+    result = VariantResult(variant=cfg.nncf_peer, method="ptq", engine=None,
+                           eval=result_of_logits(torch.from_numpy(logits), torch.from_numpy(labels)),
+                           artifact=entry, algorithms="nncf.quantize",
+                           runtimes=[eq.model_copy(update={"reason": "NNCF's own PTQ: no "
+                                                           "TorchScript artifact to agree with"})])
+    _write_evaluations(cfg, store, run, result, result.runtimes)
+    return result
+
+
+def timed_pairs(results: list[VariantResult]) -> list[tuple[VariantResult, str]]:
+    """(variant, runtime) pairs to time: each variant in every runtime it passed the check in
+    (an export that diverged from its TorchScript artifact is not timed: it cannot be chosen)."""
+    return [(r, eq.runtime) for r in results for eq in r.runtimes if eq.passed is not False]
+
+
+def benchmark(cfg: RunConfig, run: RunInfo, results: list[VariantResult]) -> list[Latency]:
+    """Time float and every int8 variant in each runtime it runs in (`timed_pairs`), all
+    interleaved in one fresh process (see `timing.measure_files`); store one `benchmarks` row
+    per (variant, runtime, setting). Every file is sha256-verified first."""
     b, store = cfg.timing, store_of(cfg)
+    pairs = {f"{r.variant}/{rt}": (r, rt) for r, rt in timed_pairs(results)}
+    entries = {f"{r.variant}.{e.format}": (run.run_id, e) for r, rt in pairs.values()
+               for e in [r.entry_for(rt)]}
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
-        paths = registry.verified_copies(store, {a.variant: (run.run_id, a) for a in artifacts},
-                                         tmp)
-        rows = measure_files(paths, cfg.data.transforms.input_size, b.batch_sizes, b.num_threads,
-                             b.warmup, b.iterations, engines={a.variant: a.engine for a in artifacts})
-    entries = {a.variant: a for a in artifacts}
+        paths = registry.verified_copies(store, entries, tmp)
+        files = {key: TimedFile(path=paths[f"{r.variant}.{r.entry_for(rt).format}"], runtime=rt)
+                 for key, (r, rt) in pairs.items()}
+        measured = measure_files(files, cfg.data.transforms.input_size, b.batch_sizes,
+                                 b.num_threads, b.warmup, b.iterations)
+    rows = [x.model_copy(update={"variant": pairs[x.variant][0].variant}) for x in measured]
+    by_key = {(pairs[x.variant][0].variant, x.runtime): pairs[x.variant] for x in measured}
     metrics.write_rows(store, "benchmarks", [table_row(
-        r, run_id=run.run_id, model=cfg.model.name, engine=entries[r.variant].engine or "",
+        x, run_id=run.run_id, model=cfg.model.name, engine=r.engine or "",
         input_size=cfg.data.transforms.input_size, source="quantlab",
-        optimisation=entries[r.variant].optimisation, channels_last=False, weights="checkpoint",
-        calibration="dataset", size_bytes=entries[r.variant].bytes)
-        for r in rows], run.run_id, "pipeline", run.created_at)
+        optimisation=r.entry_for(rt).optimisation, channels_last=False, weights="checkpoint",
+        calibration="dataset", size_bytes=r.entry_for(rt).size_bytes)
+        for x in rows for r, rt in [by_key[(x.variant, x.runtime)]]],
+        run.run_id, "pipeline", run.created_at)
     return rows
 
 
 def select(cfg: RunConfig, results: list[VariantResult],
-           latencies: list[Latency]) -> tuple[list[ResultRow], Selection]:
-    """The run's comparison rows (float first) and the variant it ships (quantlab.selection)."""
-    rows = comparison([{"variant": r.variant, "method": r.method, "top1": r.eval.top1,
-                        "top5": r.eval.top5, "size_bytes": r.artifact.bytes,
-                        "float_layers": r.float_layers, "algorithms": r.algorithms}
-                       for r in results], latencies)
-    return rows, select_variant(rows, cfg.max_accuracy_drop, latencies)
+           latencies: list[Latency]) -> tuple[list[ResultRow], list[ResultRow], Selection]:
+    """The run's comparison: one row per (variant, runtime) evaluated, one per variant in its
+    fastest runtime (float first), and the (variant, runtime) it ships (quantlab.selection)."""
+    pairs = [{"variant": r.variant, "method": r.method, "top1": eq.top1,
+              "top5": r.eval.top5 if i == 0 else None,
+              "size_bytes": r.entry_for(eq.runtime).size_bytes, "float_layers": r.float_layers,
+              "algorithms": r.algorithms, "runtime": eq.runtime,
+              "format": r.entry_for(eq.runtime).format, "agreement": eq.agreement,
+              "equivalent": eq.passed, "float_agreement": eq.float_agreement,
+              "sqnr_db": eq.sqnr_db if r.method != "float" else None}
+             for r in results for i, eq in enumerate(r.runtimes)]
+    rows = comparison(pairs, latencies)
+    chosen = select_variant(rows, cfg.max_accuracy_drop, latencies)
+    return rows, fastest_per_variant(rows), chosen.model_copy(update={
+        "load_snippet": runtimes.load_snippet(chosen.runtime, num_threads=cfg.timing.num_threads)})
+
+
+def export_warnings(results: list[VariantResult]) -> list[str]:
+    """A warning per variant that could not be exported, and per export that diverged from
+    its TorchScript artifact in a runtime (which the selection therefore leaves out)."""
+    out = [f"{r.variant} was not exported (it is TorchScript only): {r.export_error}"
+           for r in results if r.export_error]
+    out += [f"{r.variant} in {eq.runtime} diverged from its TorchScript artifact and is not "
+            f"selected: {eq.reason}" for r in results for eq in r.runtimes if eq.passed is False]
+    return out
 
 
 def baseline_warnings(results: list[VariantResult], rows: list[ResultRow],
@@ -411,7 +589,7 @@ def baseline_warnings(results: list[VariantResult], rows: list[ResultRow],
     (quantlab.selection); each is logged."""
     float_result = next(r for r in results if r.method == "float")
     found = (float_baseline_warnings(rows, float_result.eval.loss, num_classes)
-             + timing_warnings(rows))
+             + timing_warnings(rows) + export_warnings(results))
     for w in found:
         log.warning("%s", w)
     return found
@@ -424,8 +602,9 @@ def regression_gate(cfg: RunConfig, run: RunInfo, staged: StagedData,
     The previous best is re-evaluated and re-timed here, side by side (quantlab.gate).
     """
     new = next(r for r in results if r.variant == selected.variant)
-    return gate_policy.regression_gate(cfg, store_of(cfg), staged, run.run_id, new.artifact,
-                                       new.eval.top1)
+    top1 = next(eq.top1 for eq in new.runtimes if eq.runtime == selected.runtime)
+    return gate_policy.regression_gate(cfg, store_of(cfg), staged, run.run_id,
+                                       new.entry_for(selected.runtime), selected.runtime, top1)
 
 
 def versions() -> dict[str, str]:
@@ -435,7 +614,8 @@ def versions() -> dict[str, str]:
 
 
 def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
-             rows: list[ResultRow], selected: Selection, epochs: list[dict] | None = None,
+             pairs: list[ResultRow], rows: list[ResultRow], selected: Selection,
+             epochs: list[dict] | None = None,
              ranking: SensitivityResult | None = None,
              gate: GateVerdict | None = None, trigger: TriggerInfo | None = None) -> Outcome:
     """Plot, write the report, then the manifest (last), then the aliases.
@@ -461,7 +641,11 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
                             num_val=staged.num_val, skipped_images=staged.skipped),
         checkpoint_layout=next((r.checkpoint_layout for r in results if r.method == "float"), None),
         warnings=warnings,
-        artifacts=[r.artifact for r in results], results=rows, selected=selected, gate=gate,
+        artifacts=[r.artifact for r in results if r.artifact.format == "torchscript"],
+        exports=[e for r in results for e in [r.artifact, *r.exports] if e.format != "torchscript"],
+        results=rows, runtime_results=pairs,
+        float_runtime=next((r.runtime for r in rows if r.method == "float"), None),
+        selected=selected, gate=gate,
         report={"markdown": "report/report.md", "plot": "report/comparison.png"},
         trigger=trigger)
     fallback = next(((r.variant, r.fallback_steps) for r in results if r.fallback_steps), None)
@@ -479,6 +663,8 @@ def report_links(store: Store, manifest: Manifest) -> dict[str, str]:
     """Where a run's artifacts, plot and report live: file:// links or store URIs."""
     base = registry.run_dir(manifest.run_id)
     links = {a.variant: store.url(f"{base}/{a.path}") for a in manifest.artifacts}
+    links.update({f"{a.variant} ({a.format})": store.url(f"{base}/{a.path}")
+                  for a in manifest.exports})
     links.update({name: store.url(f"{base}/{rel}") for name, rel in manifest.report.items()})
     links["manifest"] = store.url(f"{base}/manifest.json")
     return links

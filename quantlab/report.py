@@ -26,14 +26,19 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
     It keeps within an 80-column terminal: two-line headers, and the selected variant marked
     with a `*` that the caption explains.
     """
+    float_rt = next((r.runtime for r in rows if r.method == "float"), None)
     notes = (["* selected"] if selected else []) + (
-        ["! noisy timing"] if any(r.noisy for r in rows) else [])
+        ["! noisy timing"] if any(r.noisy for r in rows) else []) + (
+        [f"speed-up against float in {float_rt}, the fastest float runtime"] if float_rt else []) + (
+        ["agree: % of val images with float's top-1"])
     table = Table(title=title or None, caption=", ".join(notes) or None)
-    for col in ("variant", "top-1\n%", "top-5\n%", "size\nMB", "latency\nms", "speed\nup",
-                "float\nlayers"):
-        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    for col in ("variant", "runtime", "top-1\n%", "agree\n%", "SQNR\ndB", "size\nMB",
+                "latency\nms", "speed\nup", "float\nlayers"):
+        table.add_column(col, justify="left" if col in ("variant", "runtime") else "right",
+                         no_wrap=True)
     for r, cells in zip(rows, table_rows(rows, None)):
-        del cells["algorithms"], cells["noise"]  # in the report and UI; the terminal keeps to 80
+        for extra in ("algorithms", "noise", "top-5 %", "vs export", "vs TorchScript float"):
+            del cells[extra]  # in the report and UI; the terminal keeps to 80 columns
         cells["variant"] += " *" if r.variant == selected else ""
         table.add_row(*cells.values(), style="bold" if r.variant == selected else None)
     return table
@@ -68,13 +73,20 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
     for r in rows:
         out.append({
             "variant": r.variant + (" (selected)" if r.variant == selected else ""),
+            "runtime": r.runtime,
             "algorithms": r.algorithms or "-",
             "top-1 %": f"{r.top1:.2f}",
             "top-5 %": percent(r.top5),
+            "agree %": percent(r.float_agreement) if r.method != "float" else "-",
+            "vs export": ("-" if r.agreement is None else
+                          f"{r.agreement:.2f}" + ("" if r.equivalent is not False else " DIVERGED")),
+            "SQNR dB": f"{r.sqnr_db:.1f}" if r.sqnr_db is not None else "-",
             "size MB": f"{r.size_bytes / 1e6:.3f}",
             "latency ms": format_ms(r.latency_ms).removesuffix(" ms") + (" !" if r.noisy else ""),
             "noise": f"±{r.latency_noise:.0%}" if r.latency_noise is not None else "-",
             "speed-up": f"{r.speedup:.2f}x" if r.speedup else "-",
+            "vs TorchScript float": (f"{r.speedup_vs_torchscript:.2f}x"
+                                     if r.speedup_vs_torchscript else "-"),
             "float layers": "all" if r.method == "float" else str(len(r.float_layers)),
         })
     return out
@@ -154,10 +166,19 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
         "",
         markdown_table(rows),
         "",
-        f"**Selected: `{manifest.selected.variant}`** ({budget} the budget of "
-        f"{manifest.max_accuracy_drop:g} top-1 points): {manifest.selected.reason}.",
+        "Each variant in its fastest runtime. agree %: val images with float's top-1 class; "
+        "vs export: with the variant's own TorchScript artifact (an export must agree on "
+        "99%); SQNR: logits against float's; speed-up: against float in "
+        f"{manifest.float_runtime or 'torch'}, the run's fastest float runtime. Every (variant, "
+        "runtime) pair is under \"Runtimes\" below.",
+        "",
+        f"**Selected: `{manifest.selected.variant}` in {manifest.selected.runtime}** "
+        f"({budget} the budget of {manifest.max_accuracy_drop:g} top-1 points): "
+        f"{manifest.selected.reason}.",
         "",
     ]
+    if manifest.selected.load_snippet:
+        lines += ["```python", manifest.selected.load_snippet, "```", ""]
     lines += [f"**Warning**: {w}." for w in manifest.warnings] + ([""] if manifest.warnings else [])
     if manifest.gate is not None:
         verdict = "passed" if manifest.gate.passed else "FAILED: `best` was not moved"
@@ -187,19 +208,26 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
                       f"fewest ({len(kept)}) that reached its best top-1, "
                       f"{max(s.top1 for s in steps):.2f}: more float layers that gain nothing "
                       "only cost speed and size.", ""]
+    if manifest.runtime_results:
+        lines += ["## Runtimes", "", "Every (variant, runtime) pair evaluated on val/ and timed "
+                  "side by side in one process.", "",
+                  markdown_table(table_rows(manifest.runtime_results, None)), ""]
     lines += ["## Artifacts", ""]
     if "manifest" in links:
         lines += [f"In `{links['manifest'].rsplit('/', 1)[0]}/`:", ""]
-    lines += ["| variant | sha256 | bytes | location |", "|---|---|---|---|"]
-    for a in manifest.artifacts:
-        lines.append(f"| {a.variant} | `{a.sha256[:16]}…` | {a.bytes:,} | "
-                     f"[{a.path}]({links.get(a.variant, a.path)}) |")
+    lines += ["| variant | format | sha256 | bytes | location |", "|---|---|---|---|---|"]
+    for a in manifest.artifacts + manifest.exports:
+        link = links.get(a.variant if a.format == "torchscript" else f"{a.variant} ({a.format})",
+                         a.path)
+        lines.append(f"| {a.variant} | {a.format} | `{a.sha256[:16]}…` | {a.size_bytes:,} | "
+                     f"[{a.path}]({link}) |")
     lines += [""] + [f"- {label}: [{links[name]}]({links[name]})"
                      for name, label in (("plot", "plot (PNG)"), ("markdown", "this report"),
                                          ("manifest", "manifest (sha256 of every artifact)"))
                      if name in links]
     lines += ["", f"Fetch a model, verified: `quantlab pull {manifest.run_id} --variant best "
-                  f"--store {manifest.config.get('store', '<store>')}`"]
+                  f"--store {manifest.config.get('store', '<store>')}` (the selected format, "
+                  f"{manifest.selected.format}; `--format torchscript|onnx|openvino` for another)"]
     lines += ["", "## Dataset", "",
               f"`{manifest.dataset.uri}`: {len(manifest.dataset.classes)} classes, "
               f"{manifest.dataset.num_train} train / {manifest.dataset.num_val} val images, "

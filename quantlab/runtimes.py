@@ -177,6 +177,35 @@ def runtimes_for(format: str, engine: str | None = None, int8: bool | None = Non
     raise ValueError(f"unknown artifact format {format!r}; valid: {', '.join(FORMATS)}")
 
 
+def format_for(runtime: str) -> str:
+    """The artifact format a runtime runs (torch*: torchscript, onnxruntime: onnx, openvino*)."""
+    return next(f for f in FORMATS if get_runtime(runtime).supports(f))
+
+
+def load_snippet(runtime: str, path: str | None = None, num_threads: int = 2) -> str:
+    """Three lines that load an artifact file (default: its name in the run folder) and run
+    it in `runtime`, without quantlab: what the manifest's `selected` and `pull` show."""
+    fmt = format_for(runtime)
+    path = path or {"torchscript": "model.torchscript.pt", "onnx": "model.onnx",
+                    "openvino": "model.xml"}[fmt]
+    if fmt == "onnx":
+        return ("import onnxruntime as ort\n"
+                f"s = ort.InferenceSession({path!r}, providers=['CPUExecutionProvider'])\n"
+                "logits = s.run(None, {'input': images})[0]  # float32 NCHW numpy")
+    if fmt == "openvino":
+        hint = ", 'INFERENCE_PRECISION_HINT': 'f32'" if runtime == "openvino-f32" else ""
+        return ("import openvino as ov\n"
+                f"m = ov.Core().compile_model({path!r}, 'CPU', {{'PERFORMANCE_HINT': "
+                f"'LATENCY', 'INFERENCE_NUM_THREADS': {num_threads}{hint}}})\n"
+                "logits = m(images)[0]  # float32 NCHW numpy")
+    engine = runtime.removeprefix("torch").lstrip("-")
+    first = (f"import torch; torch.backends.quantized.engine = '{engine}'" if engine
+             else "import torch")
+    return (f"{first}\n"
+            f"m = torch.jit.load({path!r}).eval()\n"
+            "logits = m(images)  # float32 NCHW tensor")
+
+
 def imported_frameworks() -> list[str]:
     """Which of quantlab, torch, onnxruntime, openvino this process has imported."""
     return [m for m in ("quantlab", "torch", "onnxruntime", "openvino") if m in sys.modules]

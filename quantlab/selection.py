@@ -1,7 +1,8 @@
 """Which variant a run ships: the comparison rows and the choice under the accuracy budget.
 
-    rows = comparison(results, latencies)          # one ResultRow per variant, float first
-    chosen = select(rows, max_accuracy_drop=1.0)   # fastest int8 variant within the budget
+    rows = comparison(results, latencies)          # one ResultRow per (variant, runtime)
+    chosen = select(rows, max_accuracy_drop=1.0)   # fastest int8 pair within the budget
+    table = fastest_per_variant(rows)              # each variant in its fastest runtime
 """
 
 from __future__ import annotations
@@ -14,76 +15,106 @@ from quantlab.registry import ResultRow, Selection
 from quantlab.report import format_ms
 
 
-def first_batch(latencies: Sequence[Latency]) -> dict[str, Latency]:
-    """Each variant's latency at the smallest batch size measured (batch 1), by variant."""
+def first_batch(latencies: Sequence[Latency]) -> dict[tuple[str, str], Latency]:
+    """Each (variant, runtime)'s latency at the smallest batch size measured (batch 1)."""
     smallest = min((lat.batch_size for lat in latencies), default=None)
-    return {x.variant: x for x in latencies if x.batch_size == smallest}
+    return {(x.variant, x.runtime): x for x in latencies if x.batch_size == smallest}
+
+
+def _key(row: ResultRow) -> tuple[str, str]:
+    return row.variant, row.runtime
 
 
 def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[ResultRow]:
-    """Rows for float and every int8 variant; latency and speed-up at batch 1 (or the smallest).
+    """A row per (variant, runtime) evaluated; latency and speed-ups at batch 1 (or the
+    smallest batch): `speedup` against the fastest float runtime of the run,
+    `speedup_vs_torchscript` against the float TorchScript file in torch.
 
-    `results` items carry variant, method, top1, top5, size_bytes (and optional float_layers).
+    `results` items carry variant, method, top1, top5, size_bytes and optionally runtime
+    (default torch), format, float_layers, algorithms, agreement, equivalent,
+    float_agreement, sqnr_db.
     """
     lat = first_batch(latencies)
-    float_ms = lat["float"].latency_ms if "float" in lat else None
+    float_times = {rt: x.latency_ms for (v, rt), x in lat.items() if v == "float"}
+    float_ms = min(float_times.values(), default=None)
+    torch_ms = float_times.get("torch")
     rows = []
     for r in results:
-        x = lat.get(r["variant"])
+        x = lat.get((r["variant"], r.get("runtime", "torch")))
         ms = x.latency_ms if x else None
-        rows.append(ResultRow(variant=r["variant"], method=r["method"], top1=r["top1"],
-                              top5=r["top5"], size_bytes=r["size_bytes"], latency_ms=ms,
+        rows.append(ResultRow(**{k: v for k, v in r.items() if k in ResultRow.model_fields},
+                              latency_ms=ms,
                               speedup=(float_ms / ms) if (ms and float_ms) else None,
-                              float_layers=r.get("float_layers", []),
-                              algorithms=r.get("algorithms", ""),
+                              speedup_vs_torchscript=(torch_ms / ms) if (ms and torch_ms) else None,
                               latency_noise=x.noise if x else None,
                               noisy=bool(x and x.noisy)))
     return sorted(rows, key=lambda row: ["float", "ptq", "qat"].index(row.method))  # stable
 
 
+def fastest_per_variant(rows: Sequence[ResultRow]) -> list[ResultRow]:
+    """One row per variant, in its fastest runtime at batch 1 among those whose export did not
+    diverge (a variant that was not timed keeps its first row); in the rows' order."""
+    out: dict[str, ResultRow] = {}
+    for r in rows:
+        if r.equivalent is False:
+            continue
+        best = out.get(r.variant)
+        if best is None or (r.latency_ms is not None and
+                            (best.latency_ms is None or r.latency_ms < best.latency_ms)):
+            out[r.variant] = r
+    return list(out.values())
+
+
 def select(rows: Sequence[ResultRow], max_accuracy_drop: float,
            latencies: Sequence[Latency] = ()) -> Selection:
-    """The fastest int8 variant (batch-1 latency) whose top-1 is within the budget of float.
+    """The fastest int8 (variant, runtime) (batch-1 latency) whose top-1 is within the budget
+    of float's (the float TorchScript file's, or the first float row's).
 
-    With the measured `latencies`, "fastest" must hold beyond the noise: variants that the
-    fastest does not beat by more than the measured noise (quantlab.timing.tied_with_fastest)
+    Rows whose export diverged from its TorchScript artifact (`equivalent` False) are never
+    chosen. With the measured `latencies`, "fastest" must hold beyond the noise: pairs that
+    the fastest does not beat by more than the measured noise (quantlab.timing.tied_with_fastest)
     count as equally fast, and among them the most accurate, then the smallest, is chosen.
-    If none is within budget, the most accurate int8 variant, marked as outside the budget.
+    If none is within budget, the most accurate int8 pair, marked as outside the budget.
     """
-    float_row = next((r for r in rows if r.method == "float"), None)
-    candidates = [r for r in rows if r.method != "float"]
+    floats = [r for r in rows if r.method == "float"]
+    float_row = next((r for r in floats if r.runtime == "torch"), floats[0] if floats else None)
+    candidates = [r for r in rows if r.method != "float" and r.equivalent is not False]
     if float_row is None or not candidates:
         raise ValueError("selection needs the float row and at least one int8 variant")
+
+    def chosen(row: ResultRow, within: bool, reason: str) -> Selection:
+        return Selection(variant=row.variant, runtime=row.runtime, format=row.format,
+                         within_budget=within, reason=reason)
+
     floor = float_row.top1 - max_accuracy_drop
     within = [r for r in candidates if r.top1 >= floor]
     if not within:
         best = max(candidates, key=lambda r: r.top1)
-        return Selection(variant=best.variant, within_budget=False,
-                         reason=f"no variant within {max_accuracy_drop:g} top-1 points of float "
-                                f"({float_row.top1:.2f}); chose the most accurate ({best.top1:.2f})")
+        return chosen(best, False, f"no variant within {max_accuracy_drop:g} top-1 points of "
+                      f"float ({float_row.top1:.2f}); chose the most accurate ({best.top1:.2f}, "
+                      f"in {best.runtime})")
     prefix = (f"fastest variant within {max_accuracy_drop:g} top-1 points of float "
               f"({{top1:.2f}} vs {float_row.top1:.2f}; ")
     lat = first_batch(latencies)
-    timed = [lat[r.variant] for r in within if r.variant in lat]
+    timed = [lat[_key(r)] for r in within if _key(r) in lat]
     if len(timed) > 1:
-        by_name = {r.variant: r for r in within}
-        tied = [by_name[x.variant] for x in tied_with_fastest(timed)]
+        by_key = {_key(r): r for r in within}
+        tied = [by_key[(x.variant, x.runtime)] for x in tied_with_fastest(timed)]
         best = min(tied, key=lambda r: (-r.top1, r.size_bytes))
-        others = sorted((x for x in timed if x.variant != best.variant),
+        others = sorted((x for x in timed if (x.variant, x.runtime) != _key(best)),
                         key=lambda x: x.latency_ms)
         if len(tied) > 1:
-            names = ", ".join(r.variant for r in tied)
-            return Selection(variant=best.variant, within_budget=True, reason=(
-                prefix.format(top1=best.top1) + f"{names} are equally fast within the noise: "
-                f"{margin_reason(lat[tied[0].variant], lat[tied[1].variant])}; chose the most "
-                "accurate, then the smallest)"))
-        return Selection(variant=best.variant, within_budget=True, reason=(
-            prefix.format(top1=best.top1) + f"{margin_reason(lat[best.variant], others[0])} "
-            f"against {others[0].variant}, at batch 1)"))
+            names = ", ".join(f"{r.variant} in {r.runtime}" for r in tied)
+            return chosen(best, True, prefix.format(top1=best.top1) + f"{names} are equally "
+                          f"fast within the noise: {margin_reason(lat[_key(tied[0])], lat[_key(tied[1])])}; "
+                          "chose the most accurate, then the smallest)")
+        return chosen(best, True, prefix.format(top1=best.top1) + f"in {best.runtime}: "
+                      f"{margin_reason(lat[_key(best)], others[0])} against "
+                      f"{others[0].variant} in {others[0].runtime}, at batch 1)")
     best = min(within, key=lambda r: (r.latency_ms if r.latency_ms is not None else float("inf"),
                                       -r.top1))
-    return Selection(variant=best.variant, within_budget=True,
-                     reason=prefix.format(top1=best.top1) + f"{format_ms(best.latency_ms)} at batch 1)")
+    return chosen(best, True, prefix.format(top1=best.top1) + f"in {best.runtime}: "
+                  f"{format_ms(best.latency_ms)} at batch 1)")
 
 
 def float_baseline_warnings(rows: Sequence[ResultRow], float_loss: float,

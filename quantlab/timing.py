@@ -364,14 +364,16 @@ def _run_timer(models: Mapping[str, TimedFile], input_size: int, settings: list[
             for i, s in enumerate(result["settings"])]
 
 
-def compare(reference: torch.nn.Module | str, candidate: torch.nn.Module | str, input_size: int,
+def compare(reference: torch.nn.Module | str | TimedFile,
+            candidate: torch.nn.Module | str | TimedFile, input_size: int,
             max_ratio: float, attempts: int = 3, num_threads: int = 2, warmup: int = 10,
             iterations: int = 50,
             engines: Mapping[str, str | None] | None = None) -> tuple[Latency, Latency, int]:
     """Batch-1 latency of `candidate` against `reference`, timed side by side.
 
-    Both are modules (timed in this process, `measure`) or local TorchScript files (timed in a
-    fresh process, `measure_files`, as the pipeline does; `engines` keyed "reference"/"candidate").
+    Both are modules (timed in this process, `measure`) or local files (paths of TorchScript
+    files, or TimedFiles in any runtime), timed in a fresh process (`measure_files`, as the
+    pipeline does; `engines` keyed "reference"/"candidate").
     A measurement whose ratio exceeds `max_ratio` is repeated, up to `attempts` in all: noise
     from a busy machine seldom repeats, a real slow-down does. Returns the reference's and the
     candidate's Latency from the measurement with the lowest ratio, and the attempts used.
@@ -381,7 +383,7 @@ def compare(reference: torch.nn.Module | str, candidate: torch.nn.Module | str, 
     pair_in = {"reference": reference, "candidate": candidate}
     best: tuple[Latency, Latency] | None = None
     for attempt in range(1, attempts + 1):
-        if isinstance(reference, str):
+        if isinstance(reference, (str, TimedFile)):
             measured = measure_files(pair_in, input_size, (1,), num_threads, warmup, iterations,
                                      engines, max_remeasure=0)
         else:
@@ -536,5 +538,6 @@ def table_row(latency: Latency, profile: Profile | None = None, **columns) -> di
     return {**latency.model_dump(exclude={"round_ms", "session"}), **(profile.model_dump() if profile else nulls),
             "cpu": cpu_info(), "cpu_avx2": "avx2" in flags,
             "cpu_avx512_vnni": "avx512_vnni" in flags, "cpu_amx": "amx_int8" in flags,
-            "torch_version": torch.__version__, **columns}
+            "torch_version": torch.__version__, "format": runtimes.format_for(latency.runtime),
+            **columns}
 

@@ -28,7 +28,7 @@ from quantlab.errors import QuantlabError, StoreError
 from quantlab.evaluate import EvalResult
 from quantlab.report import percent
 from quantlab.pipeline import Outcome, RunInfo, VariantResult
-from quantlab.registry import ArtifactEntry, GateVerdict, ResultRow, Selection, TriggerInfo
+from quantlab.registry import GateVerdict, ResultRow, Selection, TriggerInfo
 from quantlab.sensitivity import SensitivityResult
 from quantlab_tasks.caching import dataset_key, float_eval_key, log_cache_hit
 from quantlab_tasks.progress import Progress
@@ -114,8 +114,28 @@ def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
     """One PTQ variant: prepare, calibrate, convert, evaluate, script, store."""
     result = pipeline.ptq_variant(config, pipeline.ensure_staged(config, staged), run, variant)
-    get_run_logger().info("%s: top-1 %.2f, top-5 %s, %d bytes", variant.name, result.eval.top1,
-                          percent(result.eval.top5), result.artifact.bytes)
+    log_variant(result)
+    return result
+
+
+def log_variant(result: VariantResult) -> None:
+    """A variant's accuracy, size, and how each runtime's evaluation compared."""
+    logger = get_run_logger()
+    logger.info("%s: top-1 %.2f, top-5 %s, %d bytes", result.variant, result.eval.top1,
+                percent(result.eval.top5), result.artifact.bytes)
+    for eq in result.runtimes[1:]:
+        (logger.info if eq.passed is not False else logger.warning)(
+            "%s in %s: top-1 %.2f; %s", result.variant, eq.runtime, eq.top1, eq.reason)
+    if result.export_error:
+        logger.warning("%s not exported: %s", result.variant, result.export_error)
+
+
+@task(name="nncf-ptq", cache_policy=NO_CACHE, tags=["quantlab", "ptq"])
+def nncf_peer(config: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
+    """The peer: NNCF's own nncf.quantize of the float model, as OpenVINO IR, evaluated."""
+    result = pipeline.nncf_peer(config, pipeline.ensure_staged(config, staged), run)
+    get_run_logger().info("%s: top-1 %.2f in %s, %d bytes", result.variant, result.eval.top1,
+                          result.runtimes[0].runtime, result.artifact.size_bytes)
     return result
 
 
@@ -186,19 +206,23 @@ def train_qat(config: RunConfig, staged: StagedData, run: RunInfo,
 def export_qat(config: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
     """Convert the final QAT checkpoint to int8, evaluate, script, store."""
     result = pipeline.export_qat(config, pipeline.ensure_staged(config, staged), run)
-    get_run_logger().info("%s: top-1 %.2f, top-5 %s, %d bytes", result.variant, result.eval.top1,
-                          percent(result.eval.top5), result.artifact.bytes)
+    log_variant(result)
     return result
 
 
 @task(name="benchmark", cache_policy=NO_CACHE, tags=["quantlab", "bench", COMPUTE_CONCURRENCY_TAG],
       timeout_seconds=TIMEOUTS["bench"])
-def benchmark(config: RunConfig, run: RunInfo, artifacts: list[ArtifactEntry]) -> list[Latency]:
-    """Time float and every int8 artifact side by side."""
-    rows = pipeline.benchmark(config, run, artifacts)
+def benchmark(config: RunConfig, run: RunInfo, results: list[VariantResult]) -> list[Latency]:
+    """Time float and every int8 variant in each of its runtimes, side by side."""
+    pairs = pipeline.timed_pairs(results)
+    get_run_logger().info("timing %d (variant, runtime) pairs at batch sizes %s, %d threads",
+                          len(pairs), ", ".join(map(str, config.timing.batch_sizes)),
+                          config.timing.num_threads)
+    rows = pipeline.benchmark(config, run, results)
     for r in rows:
-        get_run_logger().info("%s batch %d: %.3f ms (p90 %.3f), %.0f img/s", r.variant,
-                              r.batch_size, r.latency_ms, r.latency_ms_p90, r.images_per_sec)
+        get_run_logger().info("%s in %s, batch %d: %.3f ms (p90 %.3f), %.0f img/s", r.variant,
+                              r.runtime, r.batch_size, r.latency_ms, r.latency_ms_p90,
+                              r.images_per_sec)
     return rows
 
 
@@ -219,7 +243,8 @@ def regression_gate(config: RunConfig, run: RunInfo, staged: StagedData,
 @task(name="report", cache_policy=NO_CACHE, tags=["quantlab", "report", "store"],
       timeout_seconds=TIMEOUTS["report"], **IO_RETRIES)
 def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[VariantResult],
-             rows: list[ResultRow], selected: Selection, epochs: list[dict],
+             pairs: list[ResultRow], rows: list[ResultRow], selected: Selection,
+             epochs: list[dict],
              ranking: SensitivityResult | None, gate: GateVerdict | None,
              trigger: TriggerInfo | None = None) -> Outcome:
     """Report, write the manifest (last) and move the aliases; publish UI artifacts.
@@ -227,8 +252,8 @@ def finalize(config: RunConfig, run: RunInfo, staged: StagedData, results: list[
     The UI's report shows the plot inline (a data: URI: the UI cannot read the store) and
     links every stored artifact, the PNG included.
     """
-    outcome = pipeline.finalize(config, run, staged, results, rows, selected, epochs, ranking,
-                                gate, trigger)
+    outcome = pipeline.finalize(config, run, staged, results, pairs, rows, selected, epochs,
+                                ranking, gate, trigger)
     publish(outcome)
     return outcome
 
@@ -240,7 +265,9 @@ def publish(outcome: Outcome) -> None:
     create_table_artifact(key="quantlab-comparison",
                           table=report.table_rows(manifest.results, manifest.selected.variant),
                           description=f"run {manifest.run_id}: {manifest.model}, selected "
-                                      f"{manifest.selected.variant}{rejected}")
+                                      f"{manifest.selected.variant} in "
+                                      f"{manifest.selected.runtime}{rejected}")
     create_markdown_artifact(key="quantlab-report", markdown=outcome.ui_report,
                              description=f"run {manifest.run_id}")
-    get_run_logger().info("selected %s: %s", manifest.selected.variant, manifest.selected.reason)
+    get_run_logger().info("selected %s in %s: %s", manifest.selected.variant,
+                          manifest.selected.runtime, manifest.selected.reason)

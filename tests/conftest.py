@@ -21,7 +21,7 @@ import uuid
 import pytest
 import torch
 
-from quantlab.config import DataConfig, RunConfig
+from quantlab.config import DataConfig, FormatsConfig, RunConfig
 from tests.support import (
     ROOT,
     TINY_TRANSFORMS,
@@ -175,5 +175,6 @@ def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
     from quantlab_flows.quantize import quantize
 
     tmp = tmp_path_factory.mktemp("flowrun")
-    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"))
+    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"),
+                      formats=FormatsConfig())  # every format and the nncf-ptq peer
     return cfg, quantize(cfg)

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from quantlab.config import (
+    FormatsConfig,
     TimingConfig,
     DataConfig,
     ModelConfig,
@@ -79,7 +80,8 @@ def upload_tree(store, local: str, prefix: str) -> str:
 
 
 def make_config(data_uri: str, checkpoint: str, store: str, cache_dir: str, **overrides) -> RunConfig:
-    """A run config sized for tests: tiny inputs, 2 calibration batches, 1 QAT epoch on 2 workers."""
+    """A run config sized for tests: tiny inputs, 2 calibration batches, 1 QAT epoch on 2 workers,
+    TorchScript artifacts only (the shared `completed_run` exports to ONNX and OpenVINO too)."""
     base = RunConfig(
         model=ModelConfig(name="mobilenet_v2", checkpoint=checkpoint, kwargs={"width_mult": 0.25}),
         data=DataConfig(uri=data_uri, batch_size=8, eval_batch_size=16, transforms=TINY_TRANSFORMS),
@@ -89,6 +91,7 @@ def make_config(data_uri: str, checkpoint: str, store: str, cache_dir: str, **ov
         qat=QATConfig(epochs=1, freeze_bn_after=1, freeze_observers_after=1, lr=1e-3,
                       nproc_per_node=2, threads_per_worker=1, max_restarts=0),
         timing=TimingConfig(num_threads=1, batch_sizes=(1, 4), warmup=1, iterations=5),
+        formats=FormatsConfig(export=(), nncf_peer=False),  # TorchScript only: see completed_run
     )
     return base.model_copy(update=overrides)
 

@@ -237,10 +237,9 @@ def test_manifest_entries_and_load_snippets(tiny, tmp_path):
         cwd = os.getcwd()
         os.chdir(tmp_path)
         try:
-            exec(formats.load_snippet(fmt, runtime, num_threads=1), scope)
+            exec(runtimes.load_snippet(runtime, num_threads=1), scope)
         finally:
             os.chdir(cwd)
         assert np.asarray(scope["logits"]).shape == (len(images), 3)
-    with pytest.raises(ConfigError, match="unknown artifact format 'tflite'; valid: "
-                                          "torchscript, onnx, openvino"):
-        formats.load_snippet("tflite", "x")
+    with pytest.raises(ValueError, match="unknown runtime 'tflite'; valid: torch, torch-x86"):
+        runtimes.load_snippet("tflite")

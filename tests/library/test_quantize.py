@@ -46,12 +46,22 @@ def test_ptq_variants_convert_evaluate_and_store(run_ctx):
                 "quantized::add", "quantized::linear"} <= ops
         assert not any(k.startswith("aten::conv") or k == "aten::linear" for k in ops)
     rows = metrics.read_rows(Store(cfg.store), "evaluations", run.run_id)
-    assert sorted(r["variant"] for r in rows) == ["float", "ptq-minmax", "ptq-x86"]
+    # one row per (variant, runtime): an x86 TorchScript artifact also runs under onednn
+    assert sorted((r["variant"], r["runtime"]) for r in rows) == [
+        ("float", "torch"), ("ptq-minmax", "torch-onednn"), ("ptq-minmax", "torch-x86"),
+        ("ptq-x86", "torch-onednn"), ("ptq-x86", "torch-x86")]
     assert {r["method"] for r in rows} == {"float", "ptq"}
+    by = {(r["variant"], r["runtime"]): r for r in rows}
+    for name in ("ptq-minmax", "ptq-x86"):  # the same file under onednn: the same predictions
+        own, other = by[(name, "torch-x86")], by[(name, "torch-onednn")]
+        assert own["equivalent"] is None and own["loss"] is not None
+        assert other["equivalent"] is True and other["agreement"] >= 99 and other["loss"] is None
+        assert 0 <= own["float_agreement"] <= 100 and own["sqnr_db"] is not None
 
 
 def test_int8_artifact_runs_with_plain_torch_jit_load(run_ctx, tmp_path):
     cfg, run, staged, _ = run_ctx
+    pipeline.export_float(cfg, staged, run, pipeline.evaluate_float(cfg, staged))
     r = pipeline.ptq_variant(cfg, staged, run, cfg.variants[1])
     path = tmp_path / "model.pt"
     path.write_bytes(Store(cfg.store).read_bytes(f"runs/{run.run_id}/{r.artifact.path}"))

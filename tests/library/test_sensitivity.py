@@ -27,13 +27,14 @@ def ranked(tiny_dataset, tiny_checkpoint, tmp_path_factory):
         update={"max_float_layers": 2})})
     run = pipeline.start_run(cfg)
     staged = pipeline.stage(cfg)
+    pipeline.export_float(cfg, staged, run, pipeline.evaluate_float(cfg, staged))
     base = pipeline.ptq_variant(cfg, staged, run, cfg.variant("ptq-x86"))
     return (cfg, run, staged, base), pipeline.sensitivity(cfg, staged, run)
 
 
 def test_sensitivity_has_a_ranked_row_per_quantized_layer(ranked):
     (cfg, run, staged, _), result = ranked
-    int8, _ = pipeline._quantize(cfg, staged, cfg.variant("ptq-x86"))
+    int8, _, _ = pipeline._quantize(cfg, staged, cfg.variant("ptq-x86"))
     quantized = [n for n, m in int8.named_modules() if isinstance(m, INT8_LAYERS)]
     rows = metrics.read_rows(Store(cfg.store), "sensitivity", run.run_id)
     assert sorted(r["layer"] for r in rows) == sorted(quantized) and len(quantized) > 50
