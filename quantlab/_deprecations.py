@@ -8,6 +8,9 @@ we filter exactly those messages, and nothing else.
 
 The PT2E backend (quantlab.pt2e) uses torchao, whose import makes torch log (not warn) that
 its enum registration is deprecated; that log record is filtered here too, by its message.
+
+OpenVINO's and NNCF's usage telemetry is declined elsewhere, before anything imports openvino
+(quantlab.runtimes.decline_openvino_telemetry), because the timing child cannot import this.
 """
 
 import logging
@@ -66,3 +69,4 @@ def silence_deprecations() -> None:
         if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message
                    for f in logger.filters):
             logger.addFilter(_DropMessages(message))
+

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +39,7 @@ from torch import nn
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import quantized as nniq
 
+from quantlab import runtimes
 from quantlab.errors import ConfigError
 from quantlab.registry import FORMAT_FILES
 
@@ -253,10 +255,15 @@ class _nullcontext:
 
 
 # -- ONNX ------------------------------------------------------------------------------------
+# torch.onnx.export keeps its state in process globals (GLOBALS.in_onnx_export): two exports at
+# once (PTQ variants run on the flow's threads) fail. One at a time, then.
+_EXPORT_LOCK = threading.Lock()
+
+
 def _export(module: nn.Module, input_size: int, channels: int = 3) -> bytes:
     """torch.onnx.export (TorchScript-based, dynamo=False) with a dynamic batch dimension."""
     example = torch.zeros(1, channels, input_size, input_size)
-    with tempfile.TemporaryDirectory(prefix="quantlab-onnx-") as tmp:
+    with _EXPORT_LOCK, tempfile.TemporaryDirectory(prefix="quantlab-onnx-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         torch.onnx.export(module.eval(), (example,), path, dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -368,6 +375,7 @@ def to_openvino(onnx_bytes: bytes) -> dict[str, bytes]:
     Weights are saved as they are in the ONNX file (compress_to_fp16=False): int8 initializers
     stay int8, float ones stay f32 so the f32 baseline is a real f32 model.
     """
+    runtimes.decline_openvino_telemetry()
     import openvino as ov
 
     with tempfile.TemporaryDirectory(prefix="quantlab-ov-") as tmp:
@@ -391,6 +399,7 @@ def nncf_ptq(float_onnx: bytes, calibration: Sequence[torch.Tensor]) -> dict[str
     calibration batches (images only). Every image is used (subset_size = their number: NNCF's
     default, 300, would otherwise cap them); nothing else departs from NNCF's defaults.
     """
+    runtimes.decline_openvino_telemetry()
     import nncf
     import openvino as ov
 

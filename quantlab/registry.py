@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from quantlab.config import NAME_PATTERN
-from quantlab.errors import IntegrityError, NotFoundError, StoreError
+from quantlab.errors import ConfigError, IntegrityError, NotFoundError, StoreError
 from quantlab.store import Store, check_relpath
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,10 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     dest = os.path.abspath(dest or name)
     if os.path.isdir(dest):
         dest = os.path.join(dest, name)
+    if entry.files and not dest.endswith(suffix):
+        raise ConfigError(f"destination {dest} must end with {suffix} (or be a folder): an "
+                          f"OpenVINO IR's {os.path.splitext(entry.files[0].path)[1]} is written "
+                          "beside it with the same stem")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     stem = os.path.splitext(dest)[0]
     targets = [dest] + [stem + os.path.splitext(f.path)[1] for f in entry.files]

@@ -23,8 +23,9 @@ from quantlab.sensitivity import FallbackStep, SensitivityResult
 def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "") -> Table:
     """The comparison as a terminal table (the one `quantlab demo` prints).
 
-    It keeps within an 80-column terminal: two-line headers, and the selected variant marked
-    with a `*` that the caption explains.
+    It keeps within an 80-column terminal: two-line headers, the selected variant marked with
+    a `*` that the caption explains; SQNR, top-5, algorithms and float layers are in the
+    report (the CLI prints the fallback's float layers on their own line).
     """
     float_rt = next((r.runtime for r in rows if r.method == "float"), None)
     notes = (["* selected"] if selected else []) + (
@@ -32,12 +33,13 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
         [f"speed-up against float in {float_rt}, the fastest float runtime"] if float_rt else []) + (
         ["agree: % of val images with float's top-1"])
     table = Table(title=title or None, caption=", ".join(notes) or None)
-    for col in ("variant", "runtime", "top-1\n%", "agree\n%", "SQNR\ndB", "size\nMB",
-                "latency\nms", "speed\nup", "float\nlayers"):
+    for col in ("variant", "runtime", "top-1\n%", "agree\n%", "size\nMB", "latency\nms",
+                "speed\nup"):
         table.add_column(col, justify="left" if col in ("variant", "runtime") else "right",
                          no_wrap=True)
     for r, cells in zip(rows, table_rows(rows, None)):
-        for extra in ("algorithms", "noise", "top-5 %", "vs export", "vs TorchScript float"):
+        for extra in ("algorithms", "noise", "top-5 %", "vs export", "SQNR dB",
+                      "vs TorchScript float", "float layers"):
             del cells[extra]  # in the report and UI; the terminal keeps to 80 columns
         cells["variant"] += " *" if r.variant == selected else ""
         table.add_row(*cells.values(), style="bold" if r.variant == selected else None)

@@ -133,6 +133,7 @@ class OpenVINORuntime:
         return format == "openvino"
 
     def load(self, path: str, num_threads: int) -> LoadedModel:
+        decline_openvino_telemetry()
         import openvino as ov
 
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": num_threads}
@@ -152,6 +153,35 @@ class OpenVINORuntime:
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     TorchRuntime(), TorchRuntime("x86"), TorchRuntime("onednn"), TorchRuntime("fbgemm"),
     TorchRuntime("qnnpack"), OnnxRuntime(), OpenVINORuntime(), OpenVINORuntime("f32"))}
+
+
+def decline_openvino_telemetry() -> None:
+    """Decline openvino_telemetry (used by OpenVINO and NNCF) for this process, as its opt-out
+    would: the Telemetry singleton, now and after every re-init, has consent False.
+
+    Without a consent file in the user's home, `import openvino`, `ov.convert_model` and
+    `nncf.quantize` send usage events to Google Analytics, each from a forked process; on a
+    machine without internet those processes waited in getaddrinfo and the job's interpreter
+    hung at exit (found running the flow offline). A production job must neither phone home
+    nor hang: quantlab calls this before anything of it imports openvino or nncf.
+    """
+    try:
+        from openvino_telemetry import Telemetry
+    except ImportError:
+        return
+    if getattr(Telemetry.init, "_quantlab_declined", False):
+        return
+    original = Telemetry.init
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.consent = False
+
+    init._quantlab_declined = True
+    Telemetry.init = init
+    made = getattr(Telemetry, "_SingletonMetaClass__single_instance", None)
+    if made is not None:  # an import already made the singleton
+        made.consent = False
 
 
 def get_runtime(name: str) -> Runtime:

@@ -30,8 +30,32 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     fallback = by_variant["ptq-x86-fallback"]
     assert fallback.float_layers == [x.layer for x in result.most_sensitive][
         :len(fallback.float_layers)]
-    for table, expected in [("evaluations", 5), ("benchmarks", 10), ("qat_epochs", 1),
-                            ("sensitivity", 53)]:
+    # every variant in every runtime: float in torch, ONNX Runtime, OpenVINO (default and f32);
+    # each x86 int8 TorchScript under x86 and onednn, its ONNX and its IR; nncf-ptq's IR
+    pairs = {(r.variant, r.runtime) for r in m.runtime_results}
+    assert len(pairs) == len(m.runtime_results) == 4 + 4 * 4 + 1
+    assert {rt for v, rt in pairs if v == "float"} == {"torch", "onnxruntime", "openvino",
+                                                       "openvino-f32"}
+    assert {rt for v, rt in pairs if v == "qat-x86"} == {"torch-x86", "torch-onednn",
+                                                         "onnxruntime", "openvino"}
+    assert {rt for v, rt in pairs if v == "nncf-ptq"} == {"openvino"}
+    assert {(a.variant, a.format) for a in m.exports} == {
+        (v, f) for v in ["float", "ptq-minmax", "ptq-x86", "ptq-x86-fallback", "qat-x86"]
+        for f in ("onnx", "openvino")} | {("nncf-ptq", "openvino")}
+    for a in m.exports:
+        for f in a.all_files():
+            registry.read_verified(store, m.run_id, f)  # every file, both of an IR
+        assert {"onnx", "openvino", "torch"} <= set(a.made_by)
+    diverged = [r for r in m.runtime_results if r.equivalent is False]
+    assert (m.selected.variant, m.selected.runtime) not in {(r.variant, r.runtime) for r in diverged}
+    assert all(r.agreement is not None for r in m.runtime_results
+               if r.format != "torchscript" and r.variant != "nncf-ptq")
+    assert all(r.float_agreement is not None for r in m.runtime_results)
+    assert m.float_runtime == by_variant["float"].runtime
+    assert m.selected.load_snippet.count("\n") == 2
+    for table, expected in [("evaluations", len(m.runtime_results)),
+                            ("benchmarks", 2 * (len(m.runtime_results) - len(diverged))),
+                            ("qat_epochs", 1), ("sensitivity", 53)]:
         assert len(metrics.read_rows(store, table, result.manifest.run_id)) == expected, table
     assert store.exists(f"runs/{m.run_id}/report/comparison.png")
     report = store.read_bytes(f"runs/{m.run_id}/report/report.md").decode()
@@ -75,8 +99,10 @@ def test_flow_publishes_keyed_artifacts(completed_run):
     assert set(by_key) == {"quantlab-comparison", "quantlab-report", "quantlab-progress"}
     table = by_key["quantlab-comparison"].data
     table = json.loads(table) if isinstance(table, str) else table
-    assert [r["variant"].split(" ")[0] for r in table] == ["float", "ptq-minmax", "ptq-x86",
-                                                           "ptq-x86-fallback", "qat-x86"]
+    assert [r["variant"].split(" ")[0] for r in table] == [
+        "float", "ptq-minmax", "ptq-x86", "nncf-ptq", "ptq-x86-fallback", "qat-x86"]
+    assert {r["runtime"] for r in table} <= {"torch", "torch-x86", "torch-onednn", "onnxruntime",
+                                             "openvino", "openvino-f32"}
     assert [r["variant"] for r in table].count(f"{result.manifest.selected.variant} (selected)") == 1
     assert float(by_key["quantlab-progress"].data) == 100.0
     assert result.manifest.run_id in by_key["quantlab-report"].data
@@ -85,7 +111,8 @@ def test_flow_publishes_keyed_artifacts(completed_run):
 def test_pull_verifies_and_refuses_tampered_artifacts(completed_run, tmp_path):
     cfg, result = completed_run
     store = Store(cfg.store)
-    dest = registry.pull(cfg.store, "latest", variant="best", dest=str(tmp_path / "m.pt"))
+    dest = registry.pull(cfg.store, "latest", variant="best", dest=str(tmp_path / "m.pt"),
+                         format="torchscript")
     torch.jit.load(dest)(torch.randn(1, 3, 32, 32))
     m = registry.load_manifest(store, result.manifest.run_id)
     entry = m.artifact("ptq-minmax")
@@ -99,6 +126,44 @@ def test_pull_verifies_and_refuses_tampered_artifacts(completed_run, tmp_path):
         assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     finally:
         store.write_bytes(rel, original)
+
+
+def test_pull_fetches_onnx_and_both_ir_files_or_nothing(completed_run, tmp_path):
+    import onnxruntime
+    import openvino
+
+    cfg, result = completed_run
+    run_id = result.manifest.run_id
+    onnx_path = registry.pull(cfg.store, run_id, "qat-x86", str(tmp_path), format="onnx")
+    assert onnx_path.endswith(f"mobilenet_v2-qat-x86-{run_id}.onnx")
+    session = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": torch.randn(2, 3, 32, 32).numpy()})[0].shape == (2, 3)
+    with pytest.raises(registry.ConfigError, match="must end with .xml .or be a folder.: an "
+                                                   "OpenVINO IR's .bin is written beside it"):
+        registry.pull(cfg.store, run_id, "qat-x86", str(tmp_path / "ir"), format="openvino")
+    (tmp_path / "ir").mkdir()
+    xml = registry.pull(cfg.store, run_id, "qat-x86", str(tmp_path / "ir"), format="openvino")
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == [
+        f"mobilenet_v2-qat-x86-{run_id}.bin", f"mobilenet_v2-qat-x86-{run_id}.xml"]
+    compiled = openvino.Core().compile_model(xml, "CPU")
+    assert compiled(torch.randn(1, 3, 32, 32).numpy())[0].shape == (1, 3)
+
+    store = Store(cfg.store)
+    entry = result.manifest.artifact("ptq-x86", "openvino")
+    rel = f"runs/{run_id}/{entry.files[0].path}"
+    assert rel.endswith("model.bin")
+    original = store.read_bytes(rel)
+    try:  # a tampered weights file: refused, and neither file of the IR is written
+        store.write_bytes(rel, original[:-4] + b"\0\0\0\0")
+        (tmp_path / "bad").mkdir()
+        with pytest.raises(registry.IntegrityError, match="model.bin does not match"):
+            registry.pull(cfg.store, run_id, "ptq-x86", str(tmp_path / "bad"), format="openvino")
+        assert list((tmp_path / "bad").iterdir()) == []
+    finally:
+        store.write_bytes(rel, original)
+    with pytest.raises(registry.NotFoundError, match="no onnx artifact of nncf-ptq; valid "
+                                                     "formats: openvino"):
+        registry.pull(cfg.store, run_id, "nncf-ptq", str(tmp_path), format="onnx")
 
 
 def test_unknown_refs_and_variants_are_named(completed_run):
