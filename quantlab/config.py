@@ -106,6 +106,8 @@ class TransformConfig(_Model):
     """Image transforms. The defaults are the tutorial's ImageNet ones for 224 input."""
 
     input_size: int = Field(224, ge=8, description="side of the square model input, pixels")
+    pad: int = Field(0, ge=0, description="pixels of zero padding added to each side of every "
+                     "image first, for training and eval (2: Fashion-MNIST's 28 -> 32)")
     resize_size: int | None = Field(None, ge=8, description="eval resize before the center crop; "
                                     "default input_size / 0.875 (256 for 224)")
     mean: tuple[float, float, float] = IMAGENET_MEAN
