@@ -7,8 +7,9 @@
 1. Seeds the store with Fashion-MNIST as an ImageFolder (quantlab.data.seed_fashion_mnist:
    train/ = its 60,000 training images, val/ = its 10,000 test images), unless it is there.
 2. Trains the demo's float baseline once (quantlab.demo.FASHION_MNIST: torchvision's quantizable
-   MobileNetV2 at width 1.0, 28 -> 32 px, SGD + one-cycle to lr 0.1, weight decay 4e-5, 3 epochs
-   on 30,000 training images; an ordinary recipe, not tuned for quantization), or reuses it.
+   MobileNetV2 at width 1.0, 28 px padded to 32, SGD + one-cycle to lr 0.1 in batches of 128,
+   weight decay 4e-5, flips, 3 epochs on 30,000 training images; an ordinary recipe, not tuned
+   for quantization), or reuses it.
 3. For each variant, as the pipeline's PTQ step does it (quantlab.backend): prepare (fuse, CLE
    if asked, observers), calibrate on 32 batches of 32 training images (eval transforms),
    convert, apply_after_convert (bias correction if asked); then evaluate on the 10,000 test

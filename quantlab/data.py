@@ -305,15 +305,17 @@ def _read_marker(path: str) -> dict:
 
 # -- transforms and loaders --------------------------------------------------------------
 def build_transform(cfg: TransformConfig, train: bool) -> transforms.Compose:
-    """The tutorial's transforms (for 224 input: resize 256, crop 224, ImageNet mean/std)."""
+    """The tutorial's transforms (for 224 input: resize 256, crop 224, ImageNet mean/std),
+    after `cfg.pad` pixels of zero padding on each side when asked."""
     normalize = transforms.Normalize(cfg.mean, cfg.std)
+    pad = [transforms.Pad(cfg.pad)] if cfg.pad else []
     if train:
         steps = [transforms.RandomResizedCrop(cfg.input_size, scale=cfg.train_crop_scale)]
         if cfg.hflip:
             steps.append(transforms.RandomHorizontalFlip())
     else:
         steps = [transforms.Resize(cfg.eval_resize), transforms.CenterCrop(cfg.input_size)]
-    return transforms.Compose([*steps, transforms.ToTensor(), normalize])
+    return transforms.Compose([*pad, *steps, transforms.ToTensor(), normalize])
 
 
 class _CheckedImageFolder(datasets.ImageFolder):
