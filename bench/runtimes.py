@@ -25,6 +25,7 @@ import time
 import torch
 
 from quantlab import export, formats, models, onnx_export
+from quantlab._deprecations import silence_deprecations
 from quantlab.backend import get_backend
 from quantlab.timing import TimedFile, cpu_info, measure_files
 from quantlab.config import PTQ_PRESETS
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--calibration-batches", type=int, default=4)
     args = parser.parse_args()
+    silence_deprecations()
     with tempfile.TemporaryDirectory(prefix="quantlab-runtimes-") as tmp:
         artifacts = build(args.input_size, args.calibration_batches, tmp)
         load_before = os.getloadavg()

@@ -508,6 +508,9 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
           iterations: Annotated[int, typer.Option(help="timed calls per model and setting")] = 100,
           no_profile: Annotated[bool, typer.Option(
               "--no-profile", help="skip load time and peak memory (fresh processes)")] = False,
+          no_runtimes: Annotated[bool, typer.Option(
+              "--no-runtimes", help="TorchScript only: no ONNX Runtime / OpenVINO exports, "
+              "no nncf-ptq")] = False,
           ) -> None:
     """Time float vs int8 (quantlab's artifacts and plain torch), store and print the table."""
     from quantlab import bench, report
@@ -521,7 +524,8 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
         "batch_sizes": _csv("--batch-sizes", batch_sizes, int),
         "variants": _csv("--variants", variants), "engines": _csv("--engines", engines),
         "optimisations": _csv("--optimisations", optimisations), "channels_last": channels_last,
-        "warmup": warmup, "iterations": iterations, "profile": not no_profile})
+        "warmup": warmup, "iterations": iterations, "profile": not no_profile,
+        "runtimes": not no_runtimes})
     result = bench.run(spec, store, log=lambda line: err_console.print(line, highlight=False))
     title = f"{spec.model} {spec.input_size}x{spec.input_size}, {result.weights} weights"
     console.print(report.dict_table(bench.formatted_rows(result.rows), title=title))

@@ -39,12 +39,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantlab import export, metrics, models, ptq, reference
+from quantlab import export, formats, metrics, models, onnx_export, ptq, reference
 from quantlab.backend import check_engine, engine_context
 from quantlab.timing import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags,
                             measure_files, profile_artifact, table_row)
-from quantlab.config import (DEFAULT_VARIANTS, Architecture, Engines, PositiveInts, Variants,
-                             format_validation_error)
+from quantlab.config import (DEFAULT_VARIANTS, NNCF_PEER, Architecture, Engines, PositiveInts,
+                             Variants, format_validation_error)
 from quantlab.errors import ConfigError
 from quantlab.store import Store
 
@@ -72,6 +72,9 @@ class BenchSpec(BaseModel):
     optimisations: tuple[str, ...] = Field(("freeze", "optimize_for_inference"), min_length=1,
                                            description="of the plain-torch candidates")
     channels_last: bool = Field(False, description="also time channels-last plain candidates")
+    runtimes: bool = Field(True, description="also export quantlab's float and int8 artifacts to "
+                           "ONNX and OpenVINO IR (quantlab.formats), add nncf-ptq, and time each "
+                           "in ONNX Runtime and OpenVINO beside TorchScript")
     warmup: int = Field(10, ge=0, description="untimed calls per model and setting")
     iterations: int = Field(100, ge=10, description="timed calls per model and setting")
     calibration_batches: int = Field(4, ge=1, description=f"random batches of {CALIBRATION_BATCH}")
@@ -111,7 +114,9 @@ class Candidate(BaseModel):
     engine: str | None
     optimisation: str
     channels_last: bool
-    module: Any                       # the loaded torch.jit.ScriptModule
+    module: Any                       # the loaded torch.jit.ScriptModule (None: another runtime)
+    runtime: str = "torch"            # quantlab.runtimes: torch..., onnxruntime, openvino...
+    files: dict[str, bytes] = {}      # an ONNX or IR artifact's files (runtime not torch)
     payload: bytes | None = None      # None: does not survive save/load (no file, no size)
     # What the timing process loads when there is no payload: the unoptimised TorchScript,
     # which it passes through torch.jit.optimize_for_inference after loading.
@@ -122,13 +127,22 @@ class Candidate(BaseModel):
         return self.payload if self.payload is not None else self.timing_payload
 
     @property
+    def size_bytes(self) -> int | None:
+        if self.files:
+            return sum(len(b) for b in self.files.values())
+        return len(self.payload) if self.payload else None
+
+    @property
     def label(self) -> str:
         return label(self.model_dump(include={"variant", "source", "engine", "optimisation",
-                                              "channels_last"}))
+                                              "channels_last", "runtime"}))
 
 
 def label(row: dict[str, Any]) -> str:
-    """A model's name in tables: "ptq-x86 x86", "torch-int8 onednn freeze channels-last", ..."""
+    """A model's name in tables: "ptq-x86 x86", "torch-int8 onednn freeze channels-last",
+    "ptq-x86 in openvino", ..."""
+    if not (row.get("runtime") or "torch").startswith("torch"):
+        return f"{row['variant']} in {row['runtime']}"
     parts = [row["variant"], row["engine"] or ""]
     if row["source"] == "torch":
         parts.append(row["optimisation"].replace("optimize_for_inference", "ofi"))
@@ -191,10 +205,26 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
         log(f"built {out[-1].label}" + ("" if payload else " (cannot be reloaded: optimised "
                                         "after loading, in the timing process)"))
 
+    def add_exports(variant, engine, files):
+        """The ONNX and IR files of an artifact, one candidate per runtime that runs them."""
+        for entry in formats.artifact_entries(files, variant, "ptq", engine,
+                                              int8=variant != "float"):
+            names = [os.path.basename(f.path) for f in entry.all_files()]
+            for runtime in entry.runtimes:
+                out.append(Candidate(variant=variant, source="quantlab", engine=engine,
+                                     optimisation=entry.optimisation, channels_last=False,
+                                     module=None, runtime=runtime,
+                                     files={n: files[n] for n in names}))
+                log(f"built {out[-1].label}")
+
     # quantlab: the same calls as pipeline.export_float, pipeline.ptq_variant and _store_variant.
     opt = export.ARTIFACT_OPTIMISATION
-    add("float", "quantlab", None, opt, False,
-        payload=export.artifact_bytes(models.fuse(copy.deepcopy(base), is_qat=False)))
+    fused = models.fuse(copy.deepcopy(base), is_qat=False)
+    add("float", "quantlab", None, opt, False, payload=export.artifact_bytes(fused))
+    if spec.runtimes:
+        float_files = formats.export_float(fused, spec.input_size)
+        add_exports("float", None, float_files)
+        add_exports(NNCF_PEER, None, formats.nncf_peer(float_files["model.onnx"], calib))
     for v in spec.variants:
         int8 = ptq.quantize_ptq(copy.deepcopy(base), v, [(x, None) for x in calib])
         payload = export.artifact_bytes(int8, v.engine)
@@ -202,6 +232,8 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
         # own, as the pipeline does, and each engine of the plain candidates.
         for engine in dict.fromkeys([v.engine, *spec.engines]):
             add(v.name, "quantlab", engine, opt, False, payload=payload)
+        if spec.runtimes:
+            add_exports(v.name, v.engine, formats.export_int8(int8, v.engine, spec.input_size))
 
     # plain torch: quantlab.reference builds, plain torch.jit.script/freeze/optimize_for_inference.
     layouts = (False, True) if spec.channels_last else (False,)
@@ -251,7 +283,7 @@ def run(spec: BenchSpec, store: str, storage_options: dict | None = None,
             run_id=run_id, model=spec.model, engine=c.engine or "", input_size=spec.input_size,
             source=c.source, optimisation=c.optimisation, channels_last=c.channels_last,
             weights=weights, calibration="random",
-            size_bytes=len(c.payload) if c.payload else None))
+            size_bytes=c.size_bytes))
     metrics.write_rows(st, "benchmarks", rows, run_id, "bench", created)
     return BenchResult(run_id=run_id, rows=rows, weights=weights, notes=notes)
 
@@ -262,6 +294,10 @@ def time_candidates(spec: BenchSpec, keys: dict[str, Candidate],
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
         files = {}
         for i, (key, c) in enumerate(keys.items()):
+            if c.files:  # ONNX or IR: its files side by side, the loaded one first
+                path = onnx_export.write_files(c.files, os.path.join(tmp, str(i)))
+                files[key] = TimedFile(path=path, runtime=c.runtime)
+                continue
             path = os.path.join(tmp, f"{i}.pt")
             with open(path, "wb") as f:
                 f.write(c.timed_bytes)
@@ -305,6 +341,7 @@ class Figures(BaseModel):
 
     variant: str
     engine: str                     # the engine the artifact was loaded and run with
+    label: str                      # its name in tables (bench.label): engine or runtime
     num_threads: int
     batch_size: int
     latency_ms: float
@@ -326,7 +363,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[Figures]:
     for threads, bs in settings:
         here = [r for r in rows if (r["num_threads"], r["batch_size"]) == (threads, bs)]
         floats = [r for r in here if r["variant"] in FLOAT_VARIANTS]
-        ours = next((r for r in here if r["source"] == "quantlab" and r["variant"] == "float"), None)
+        ours = next((r for r in here if r["source"] == "quantlab" and r["variant"] == "float"
+                     and r.get("runtime", "torch") == "torch"), None)
         plain = [r for r in here if r["variant"] == PLAIN_INT8]
         if ours is None:
             continue
@@ -337,7 +375,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[Figures]:
                 continue
             ms = r["latency_ms"]
             out.append(Figures(
-                variant=r["variant"], engine=r["engine"], num_threads=threads, batch_size=bs, latency_ms=ms,
+                variant=r["variant"], engine=r["engine"], label=label(r), num_threads=threads,
+                batch_size=bs, latency_ms=ms,
                 float_ms=ours["latency_ms"], speedup=ours["latency_ms"] / ms,
                 best_float=label(best_float), best_float_ms=best_float["latency_ms"],
                 speedup_vs_best_float=best_float["latency_ms"] / ms,
@@ -363,7 +402,8 @@ def _noise(row: dict[str, Any]) -> str:
 def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     """Every timed model, as strings (the terminal table and BENCHMARKS.md share them)."""
     floats = {(r["num_threads"], r["batch_size"]): r["latency_ms"] for r in rows
-              if r["source"] == "quantlab" and r["variant"] == "float"}
+              if r["source"] == "quantlab" and r["variant"] == "float"
+              and r.get("runtime", "torch") == "torch"}
     out = []
     for r in sorted(rows, key=lambda r: (r["num_threads"], r["batch_size"])):
         base = floats.get((r["num_threads"], r["batch_size"]))
@@ -385,7 +425,7 @@ def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
 def formatted_figures(figures: Sequence[Figures]) -> list[dict[str, str]]:
     """The headline ratios, as strings."""
     return [{
-        "variant": f"{f.variant} ({f.engine})", "threads": str(f.num_threads),
+        "variant": f.label, "threads": str(f.num_threads),
         "batch": str(f.batch_size),
         "int8 ms": f"{f.latency_ms:.2f}",
         "speed-up vs float": f"{f.speedup:.2f}x",

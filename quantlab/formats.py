@@ -20,7 +20,7 @@ oneDNN primitive cache: see quantlab/_timer.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch

@@ -562,8 +562,7 @@ def select(cfg: RunConfig, results: list[VariantResult],
     pairs = [{"variant": r.variant, "method": r.method, "top1": eq.top1,
               "top5": r.eval.top5 if i == 0 else None,
               "size_bytes": r.entry_for(eq.runtime).size_bytes, "float_layers": r.float_layers,
-              "algorithms": r.algorithms, "runtime": eq.runtime,
-              "format": r.entry_for(eq.runtime).format, "agreement": eq.agreement,
+              "algorithms": r.algorithms, "runtime": eq.runtime, "agreement": eq.agreement,
               "equivalent": eq.passed, "float_agreement": eq.float_agreement,
               "sqnr_db": eq.sqnr_db if r.method != "float" else None}
              for r in results for i, eq in enumerate(r.runtimes)]

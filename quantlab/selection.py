@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from quantlab import runtimes
 from quantlab.timing import Latency, margin_reason, tied_with_fastest
 from quantlab.registry import ResultRow, Selection
 from quantlab.report import format_ms
@@ -31,7 +32,7 @@ def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[Re
     `speedup_vs_torchscript` against the float TorchScript file in torch.
 
     `results` items carry variant, method, top1, top5, size_bytes and optionally runtime
-    (default torch), format, float_layers, algorithms, agreement, equivalent,
+    (default torch; the format is the runtime's), float_layers, algorithms, agreement, equivalent,
     float_agreement, sqnr_db.
     """
     lat = first_batch(latencies)
@@ -43,6 +44,7 @@ def comparison(results: Sequence[dict], latencies: Sequence[Latency]) -> list[Re
         x = lat.get((r["variant"], r.get("runtime", "torch")))
         ms = x.latency_ms if x else None
         rows.append(ResultRow(**{k: v for k, v in r.items() if k in ResultRow.model_fields},
+                              format=runtimes.format_for(r.get("runtime", "torch")),
                               latency_ms=ms,
                               speedup=(float_ms / ms) if (ms and float_ms) else None,
                               speedup_vs_torchscript=(torch_ms / ms) if (ms and torch_ms) else None,

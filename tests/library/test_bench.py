@@ -32,8 +32,18 @@ def test_bench_command_runs_stores_and_prints(tmp_path):
     assert "torch-int8 x86 freeze" in out.stdout and "vs fastest plain-torch int8" in out.stdout
 
     rows = metrics.read_rows(Store(store), "benchmarks")
-    # quantlab: float, ptq-x86; plain: float and int8 x {freeze, ofi}; x 2 batch sizes
-    assert len(rows) == 6 * 2 and len({r["run_id"] for r in rows}) == 1
+    # quantlab: float and ptq-x86 as TorchScript, ONNX and IR (float's IR also at f32), nncf-ptq;
+    # plain: float and int8 x {freeze, ofi}; x 2 batch sizes
+    assert len(rows) == 12 * 2 and len({r["run_id"] for r in rows}) == 1
+    assert {(r["variant"], r["runtime"], r["format"]) for r in rows if r["runtime"] != "torch"
+            and not r["runtime"].startswith("torch-")} == {
+        ("float", "onnxruntime", "onnx"), ("float", "openvino", "openvino"),
+        ("float", "openvino-f32", "openvino"), ("nncf-ptq", "openvino", "openvino"),
+        ("ptq-x86", "onnxruntime", "onnx"), ("ptq-x86", "openvino", "openvino")}
+    assert "ptq-x86 in openvino" in out.stdout and "nncf-ptq in openvino" in out.stdout
+    exported = [r for r in rows if r["format"] != "torchscript"]
+    assert all(r["size_bytes"] > 0 and r["load_ms"] is None for r in exported)  # not profiled
+    rows = [r for r in rows if r["format"] == "torchscript"]
     by = {(r["variant"], r["optimisation"], r["batch_size"]): r for r in rows}
     assert {r["source"] for r in rows} == {"quantlab", "torch"}
     assert all(r["weights"] == "random" and r["calibration"] == "random" for r in rows)
@@ -53,7 +63,8 @@ def test_bench_command_runs_stores_and_prints(tmp_path):
             assert r["peak_rss_mb"] >= r["peak_rss_delta_mb"] > 0
     assert by[("ptq-x86", "freeze", 1)]["size_bytes"] < by[("float", "freeze", 1)]["size_bytes"] / 2
 
-    figures = bench.summarize(rows)
+    figures = [f for f in bench.summarize(metrics.read_rows(Store(store), "benchmarks"))
+               if " in " not in f.label]
     assert {(f.variant, f.batch_size) for f in figures} == {
         ("ptq-x86", bs) for bs in (1, 2)}
     assert all(f.reference.startswith("torch-int8 x86") and f.vs_reference > 0 for f in figures)
@@ -119,7 +130,7 @@ def _tiny_int8(threads=(1, 2)):
         "input_size": 32, "num_classes": 3, "model_kwargs": {"width_mult": 0.25},
         "variants": ["ptq-minmax"], "engines": ["onednn"], "optimisations": ["freeze"],
         "threads": list(threads), "batch_sizes": [1], "warmup": 10, "iterations": 60,
-        "max_remeasure": 0})
+        "max_remeasure": 0, "runtimes": False})
     (c,) = [c for c in bench.build_candidates(spec, log=lambda line: None)
             if (c.variant, c.engine) == ("ptq-minmax", "onednn")]
     return spec, c

@@ -244,3 +244,36 @@ def test_auto_picks_the_most_accurate_variant_outside_the_budget(tiny_config):
     assert pipeline.sensitivity_base(cfg, within, float_eval) == "ptq-x86"  # the last variant
     mixed = [result("ptq-minmax", 80.0), result("ptq-x86", 89.8)]
     assert pipeline.sensitivity_base(cfg, mixed, float_eval) == "ptq-minmax"
+
+
+def test_selection_chooses_among_runtimes_and_never_a_diverged_export():
+    """Rows per (variant, runtime): the fastest pair within budget wins, unless its export
+    diverged from its TorchScript artifact; the table keeps each variant's fastest runtime."""
+    from quantlab.timing import Latency
+
+    def pair(variant, runtime, top1, ms, method="ptq", equivalent=None):
+        return {"variant": variant, "method": method, "top1": top1, "top5": None,
+                "size_bytes": 1, "runtime": runtime, "equivalent": equivalent}
+
+    def lat(variant, runtime, ms):
+        return Latency(variant=variant, runtime=runtime, batch_size=1, num_threads=1,
+                       latency_ms=ms, latency_ms_p90=ms, latency_ms_min=ms,
+                       images_per_sec=1e3 / ms, iterations=10)
+
+    results = [pair("float", "torch", 90.0, 10.0, "float"), pair("float", "openvino", 90.0, 4.0, "float"),
+               pair("a", "torch-x86", 89.8, 3.0), pair("a", "openvino", 89.7, 1.0, equivalent=False),
+               pair("b", "torch-x86", 89.5, 2.5), pair("b", "onnxruntime", 89.6, 2.0, equivalent=True)]
+    latencies = [lat("float", "torch", 10.0), lat("float", "openvino", 4.0),
+                 lat("a", "torch-x86", 3.0), lat("a", "openvino", 1.0),
+                 lat("b", "torch-x86", 2.5), lat("b", "onnxruntime", 2.0)]
+    rows = selection.comparison(results, latencies)
+    chosen = selection.select(rows, 1.0, latencies)
+    assert (chosen.variant, chosen.runtime, chosen.format) == ("b", "onnxruntime", "onnx")
+    table = {r.variant: r for r in selection.fastest_per_variant(rows)}
+    assert {v: r.runtime for v, r in table.items()} == {"float": "openvino", "a": "torch-x86",
+                                                        "b": "onnxruntime"}
+    assert table["b"].speedup == pytest.approx(2.0)            # against float in openvino
+    assert table["b"].speedup_vs_torchscript == pytest.approx(5.0)
+    only_diverged = [r for r in rows if r.variant in ("float", "a") and r.runtime != "torch-x86"]
+    with pytest.raises(ValueError, match="at least one int8 variant"):
+        selection.select(only_diverged, 1.0, latencies)
