@@ -35,6 +35,14 @@ from quantlab.sensitivity import Sqnr
 
 MIN_AGREEMENT = 99.0      # percent of images whose top-1 matches the TorchScript int8 artifact
 MAX_TOP1_DIFF = 0.3       # top-1 points between an export and its TorchScript artifact
+# ...or, below that agreement, an export as close to float as its artifact: logits SQNR
+# against float at most this many dB below the artifact's, and float agreement at most
+# MAX_TOP1_DIFF points below. Why: on Fashion-MNIST's 10,000 val images every export agreed
+# with its TorchScript artifact on only 97.8-98.3% of images (the runtimes requantize their
+# own way, and near-ties flip), with top-1 within 0.1 points and SQNR against float within
+# 0.2 dB of the artifact's; the one real divergence seen (a fallback's ONNX in ONNX Runtime:
+# 85.8% agreement, 6.7 dB against 24.9 dB, top-1 80.8 against 87.4) fails every criterion.
+MAX_SQNR_LOSS_DB = 1.0
 
 
 def versions() -> dict[str, str]:
@@ -135,17 +143,30 @@ def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndar
                            reason="no TorchScript artifact to compare with")
     ref_top1 = 100.0 * float(np.mean(reference_logits.argmax(1) == labels))
     agreement = 100.0 * float(np.mean(pred == reference_logits.argmax(1)))
+    ref_float_agreement = 100.0 * float(np.mean(reference_logits.argmax(1) == float_logits.argmax(1)))
+    ref_sqnr, sqnr = sqnr_db(float_logits, reference_logits), common["sqnr_db"]
+    as_close_to_float = (sqnr is None or ref_sqnr is None or sqnr >= ref_sqnr - MAX_SQNR_LOSS_DB) \
+        and float_agreement >= ref_float_agreement - MAX_TOP1_DIFF
     problems = []
-    if agreement < MIN_AGREEMENT:
-        problems.append(f"top-1 agrees with the TorchScript artifact on {agreement:.2f}% of "
-                        f"images (< {MIN_AGREEMENT}%)")
+    if agreement < MIN_AGREEMENT and not as_close_to_float:
+        problems.append(
+            f"top-1 agrees with the TorchScript artifact on {agreement:.2f}% of images "
+            f"(< {MIN_AGREEMENT}%), and it is further from float than the artifact (logits "
+            f"SQNR {_db(sqnr)} vs {_db(ref_sqnr)}, float's top-1 on {float_agreement:.2f}% vs "
+            f"{ref_float_agreement:.2f}% of images)")
     if abs(top1 - ref_top1) > MAX_TOP1_DIFF:
         problems.append(f"top-1 {top1:.2f} vs {ref_top1:.2f} of the TorchScript artifact "
                         f"(> {MAX_TOP1_DIFF} points apart)")
+    held = (f"agrees on {agreement:.2f}% of images" if agreement >= MIN_AGREEMENT else
+            f"agrees on {agreement:.2f}% of images (near-ties rounded otherwise), as close to "
+            f"float as the artifact (SQNR {_db(sqnr)} vs {_db(ref_sqnr)})")
     return Equivalence(**common, reference_top1=ref_top1, agreement=agreement,
                        passed=not problems,
-                       reason="; ".join(problems) or f"agrees on {agreement:.2f}% of images, "
-                       f"top-1 {top1:.2f} vs {ref_top1:.2f}")
+                       reason="; ".join(problems) or f"{held}, top-1 {top1:.2f} vs {ref_top1:.2f}")
+
+
+def _db(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.1f} dB"
 
 
 def check_equivalence(path: str, runtime: str, reference_path: str | None,

@@ -218,31 +218,36 @@ def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
     if layout != "a state_dict":
         log.info("checkpoint %s: loaded %s", cfg.model.checkpoint, layout)
     store, fused = store_of(cfg), models.fuse(model, is_qat=False)
-    logits: list[torch.Tensor] = []
-    evaluate(fused, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
-    labels = _val_labels(cfg, staged)
-    buf = io.BytesIO()
-    np.savez(buf, logits=torch.cat(logits).numpy(), labels=labels)
-    store.write_bytes(f"{registry.run_dir(run.run_id)}/{FLOAT_LOGITS}", buf.getvalue())
+    logits, _ = _store_float_logits(cfg, staged, store, run, fused)
     result = _store_variant(cfg, store, run, staged, "float", "float", None, fused, float_eval,
-                            logits=torch.cat(logits))
+                            logits=torch.from_numpy(logits))
     return result.model_copy(update={"checkpoint_layout": layout})
 
 
 FLOAT_LOGITS = "evaluation/float-val-logits.npz"  # in the run folder: float's logits on val/
 
 
-def _val_labels(cfg: RunConfig, staged: StagedData) -> np.ndarray:
+def _store_float_logits(cfg: RunConfig, staged: StagedData, store: Store, run: RunInfo,
+                        fused: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """Float's val/ logits and labels, computed and stored for the run's comparisons."""
+    logits: list[torch.Tensor] = []
+    evaluate(fused, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
     batches = itertools.islice(val_loader(cfg, staged), cfg.data.max_eval_batches)
-    return np.concatenate([np.asarray(target) for _, target in batches])
+    labels = np.concatenate([np.asarray(target) for _, target in batches])
+    buf = io.BytesIO()
+    np.savez(buf, logits=torch.cat(logits).numpy(), labels=labels)
+    store.write_bytes(f"{registry.run_dir(run.run_id)}/{FLOAT_LOGITS}", buf.getvalue())
+    return torch.cat(logits).numpy(), labels
 
 
-def float_val_logits(store: Store, run: RunInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Float's val/ logits and the labels, as `export_float` stored them for this run."""
+def float_val_logits(cfg: RunConfig, staged: StagedData, store: Store,
+                     run: RunInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Float's val/ logits and the labels, as `export_float` stored them for this run (or
+    computed and stored now, for a step run on its own, e.g. `quantlab qat`)."""
     rel = f"{registry.run_dir(run.run_id)}/{FLOAT_LOGITS}"
     if not store.exists(rel):
-        raise NotFoundError(f"run {run.run_id} has no float logits on val/ ({store.uri(rel)}): "
-                            "export_float comes before the variants, which are compared with it")
+        fused = models.fuse(load_float(cfg, len(staged.classes)), is_qat=False)
+        return _store_float_logits(cfg, staged, store, run, fused)
     with np.load(io.BytesIO(store.read_bytes(rel))) as z:
         return z["logits"], z["labels"]
 
@@ -446,7 +451,7 @@ def _check_runtimes(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDa
     """The variant in each runtime that runs one of its files, evaluated on val/: against
     float, and (all but the first, which made `logits`) against its TorchScript artifact
     (formats.compare_logits: agreement and top-1 must hold, or the pair is not selected)."""
-    float_logits, labels = float_val_logits(store, run)
+    float_logits, labels = float_val_logits(cfg, staged, store, run)
     reference = logits.numpy() if logits is not None else None
     pairs = [(entry, rt) for entry in [result.artifact, *result.exports]
              for rt in entry.runtimes]
@@ -508,7 +513,7 @@ def nncf_peer(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult
     for f in entry.all_files():
         store.write_bytes(f"{registry.run_dir(run.run_id)}/{f.path}",
                           files[os.path.basename(f.path)])
-    float_logits, labels = float_val_logits(store, run)
+    float_logits, labels = float_val_logits(cfg, staged, store, run)
     with tempfile.TemporaryDirectory(prefix="quantlab-nncf-") as tmp:
         path = registry.verified_copies(store, {"nncf": (run.run_id, entry)}, tmp)["nncf"]
         logits, _ = formats.predict(path, entry.runtimes[0], val_loader(cfg, staged),

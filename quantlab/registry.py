@@ -348,6 +348,7 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
          format: str | None = None) -> str:
     """Download a run's artifact to `dest`, verifying sha256 first; returns the path written.
 
+    `dest`: a file, or a folder (existing, or ending with "/") for the file's own name.
     `format`: torchscript, onnx or openvino; default: the format the run selected `best` in,
     or torchscript for a named variant. An OpenVINO IR is two files (<stem>.xml and
     <stem>.bin): both are verified before either is written. Each file streams into a temp
@@ -366,8 +367,9 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     suffix = os.path.splitext(entry.path)[1] if format != "torchscript" else ".pt"
     name = f"{manifest.model}-{entry.variant}-{manifest.run_id}{suffix}"
     assert os.path.basename(name) == name and not name.startswith("."), name
+    folder = dest is not None and dest.endswith(("/", os.sep))  # "./ir/": a folder, made if new
     dest = os.path.abspath(dest or name)
-    if os.path.isdir(dest):
+    if folder or os.path.isdir(dest):
         dest = os.path.join(dest, name)
     if entry.files and not dest.endswith(suffix):
         raise ConfigError(f"destination {dest} must end with {suffix} (or be a folder): an "

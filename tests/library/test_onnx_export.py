@@ -243,3 +243,24 @@ def test_manifest_entries_and_load_snippets(tiny, tmp_path):
         assert np.asarray(scope["logits"]).shape == (len(images), 3)
     with pytest.raises(ValueError, match="unknown runtime 'tflite'; valid: torch, torch-x86"):
         runtimes.load_snippet("tflite")
+
+
+def test_an_export_passes_on_agreement_or_on_being_as_close_to_float_as_its_artifact():
+    """Runtimes requantize their own way: near-ties flip, so agreement with the TorchScript
+    artifact falls below 99% on a large val set while the export is as faithful to float as
+    the artifact. That passes; an export that is further from float does not."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 4000)
+    float_logits = rng.normal(size=(4000, 10)) + 3.0 * np.eye(10)[labels]
+    artifact = float_logits + rng.normal(scale=0.3, size=float_logits.shape)
+    same_noise = float_logits + rng.normal(scale=0.3, size=float_logits.shape)  # its own rounding
+    worse = float_logits + rng.normal(scale=1.5, size=float_logits.shape)
+
+    exact = formats.compare_logits(artifact.copy(), labels, float_logits, artifact, "onnxruntime")
+    assert exact.passed and exact.agreement == 100.0
+    flips = formats.compare_logits(same_noise, labels, float_logits, artifact, "onnxruntime")
+    assert flips.agreement < formats.MIN_AGREEMENT and flips.passed, flips.reason
+    assert "as close to float as the artifact" in flips.reason
+    diverged = formats.compare_logits(worse, labels, float_logits, artifact, "openvino")
+    assert diverged.passed is False
+    assert "further from float than the artifact" in diverged.reason

@@ -1,6 +1,7 @@
 """The whole `quantize` flow end to end under a real Prefect API: tiny data, 2 gloo workers."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -145,6 +146,8 @@ def test_pull_fetches_onnx_and_both_ir_files_or_nothing(completed_run, tmp_path)
     xml = registry.pull(cfg.store, run_id, "qat-x86", str(tmp_path / "ir"), format="openvino")
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == [
         f"mobilenet_v2-qat-x86-{run_id}.bin", f"mobilenet_v2-qat-x86-{run_id}.xml"]
+    assert registry.pull(cfg.store, run_id, "qat-x86", f"{tmp_path}/new/",  # a folder, made
+                         format="openvino") == str(tmp_path / "new" / os.path.basename(xml))
     compiled = openvino.Core().compile_model(xml, "CPU")
     assert compiled(torch.randn(1, 3, 32, 32).numpy())[0].shape == (1, 3)
 
