@@ -7,6 +7,7 @@ import torch
 from quantlab_tasks.caching import dataset_key, float_eval_key
 
 from quantlab import pipeline
+from quantlab.config import FormatsConfig
 from tests.support import make_config, write_tiny_dataset
 
 
@@ -30,9 +31,11 @@ def test_rerun_skips_staging_and_float_evaluation(completed_run, tmp_path):
     from quantlab_flows.quantize import quantize
 
     cfg, first = completed_run
-    # Same checkpoint and data; a smaller run (no QAT, one variant, no sensitivity or regression
-    # gate) is enough to show the cache. Its own store: the shared run's aliases stay put.
+    # Same checkpoint and data; a smaller run (no QAT, one variant, no sensitivity, regression
+    # gate or exports) is enough to show the cache. Its own store: the shared run's aliases
+    # stay put.
     cfg = cfg.model_copy(update={"store": str(tmp_path / "store"), "variants": cfg.variants[:1],
+                                 "formats": FormatsConfig(export=(), nncf_peer=False),
                                  "qat": cfg.qat.model_copy(update={"enabled": False}),
                                  "sensitivity": cfg.sensitivity.model_copy(update={"enabled": False}),
                                  "gate": cfg.gate.model_copy(update={"enabled": False})})
