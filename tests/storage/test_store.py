@@ -16,7 +16,9 @@ from tests.support import TINY_TRANSFORMS, upload_tree, write_tiny_dataset
 RUN_DATE = metrics.now()
 EVALUATION = {"run_id": "r1", "variant": "float", "method": "float", "model": "mobilenet_v2",
               "backend": "eager", "engine": "", "algorithms": "", "top1": 71.9, "top5": 90.3, "loss": 1.1,
-              "num_images": 50000, "size_bytes": 14_000_000}
+              "num_images": 50000, "size_bytes": 14_000_000, "runtime": "torch",
+              "format": "torchscript", "agreement": None, "float_agreement": None,
+              "sqnr_db": None, "equivalent": None}
 
 
 def test_bytes_json_listing_and_delete(store_uri):
