@@ -86,10 +86,15 @@ def _runtimes():
     return sys.modules["_quantlab_runtimes"]
 
 
+def _in_torch(model: dict) -> bool:
+    """Whether a model of the spec runs in torch (TorchScript) rather than another runtime."""
+    return (model.get("runtime") or "torch").startswith("torch")
+
+
 def _load(model: dict) -> Callable:
-    runtime = model.get("runtime") or "torch"
-    if not runtime.startswith("torch"):
-        return _runtimes().get_runtime(runtime).load(model["path"], torch.get_num_threads()).run
+    if not _in_torch(model):
+        return _runtimes().get_runtime(model["runtime"]).load(model["path"],
+                                                              torch.get_num_threads()).run
     if model.get("engine"):
         torch.backends.quantized.engine = model["engine"]
     module = torch.jit.load(model["path"], map_location="cpu").eval()
@@ -113,7 +118,7 @@ def main() -> None:
         torch.set_num_threads(num_threads)  # before loading and before any call
         modules = {name: _load(m) for name, m in models.items()}
         x = torch.randn(batch_size, spec["channels"], spec["input_size"], spec["input_size"])
-        inputs = {name: x.numpy() if not (m.get("runtime") or "torch").startswith("torch")
+        inputs = {name: x.numpy() if not _in_torch(m)
                   else x.contiguous(memory_format=torch.channels_last)
                   if m.get("channels_last") else x for name, m in models.items()}
         engines = {name: m.get("engine") for name, m in models.items()}

@@ -34,11 +34,13 @@ def correct_topk(output: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list[
 @torch.inference_mode()
 def count(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
           on_batch: Callable[[int], None] | None = None,
-          logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+          logits: list[torch.Tensor] | None = None,
+          labels: list[torch.Tensor] | None = None) -> torch.Tensor:
     """[loss sum, top-1 hits, top-5 hits, images] over `loader` (or its first `max_batches`),
     as float64: counts from several processes add up (all_reduce) before `result_from`.
     Top-5 hits are NaN when the model has 5 classes or fewer (top-5 says nothing there).
-    `logits`: a list that receives each batch's output (for agreement and SQNR)."""
+    `logits`, `labels`: lists that receive each batch's output and targets (for agreement
+    and SQNR)."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     n = c1 = c5 = 0
@@ -49,6 +51,8 @@ def count(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
         output = model(images)
         if logits is not None:
             logits.append(output.detach().clone())
+        if labels is not None:
+            labels.append(target)
         loss += float(criterion(output, target))
         h1, h5 = correct_topk(output, target)
         c1, c5, n = c1 + h1, c5 + h5, n + len(target)
@@ -70,10 +74,11 @@ def result_from(counts: torch.Tensor) -> EvalResult:
 
 def evaluate(model: nn.Module, loader: DataLoader, max_batches: int | None = None,
              on_batch: Callable[[int], None] | None = None,
-             logits: list[torch.Tensor] | None = None) -> EvalResult:
+             logits: list[torch.Tensor] | None = None,
+             labels: list[torch.Tensor] | None = None) -> EvalResult:
     """Evaluate in eval mode on all of `loader`, or its first `max_batches` batches
-    (`logits`: a list that receives the outputs, batch by batch)."""
-    return result_from(count(model, loader, max_batches, on_batch, logits))
+    (`logits`, `labels`: lists that receive the outputs and targets, batch by batch)."""
+    return result_from(count(model, loader, max_batches, on_batch, logits, labels))
 
 
 def result_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> EvalResult:

@@ -15,6 +15,7 @@ from quantlab import data, formats, registry
 from quantlab.timing import TimedFile, compare
 from quantlab.config import RunConfig
 from quantlab.data import StagedData
+from quantlab.evaluate import result_of_logits
 from quantlab.registry import ArtifactEntry, GateVerdict, Selection
 from quantlab.store import Store
 
@@ -59,7 +60,7 @@ def regression_gate(cfg: RunConfig, store: Store, staged: StagedData, run_id: st
         logits, labels = formats.predict(paths["reference"], previous_runtime,
                                          data.loader(staged, cfg.data, "val", train=False),
                                          b.num_threads, cfg.data.max_eval_batches)
-        previous_top1 = 100.0 * float((logits.argmax(1) == labels).mean())
+        previous_top1 = result_of_logits(logits, labels).top1
         old, now, attempts = compare(TimedFile(path=paths["reference"], runtime=previous_runtime),
                                      TimedFile(path=paths["candidate"], runtime=candidate_runtime),
                                      cfg.data.transforms.input_size,

@@ -220,7 +220,7 @@ def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
     store, fused = store_of(cfg), models.fuse(model, is_qat=False)
     logits, _ = _store_float_logits(cfg, staged, store, run, fused)
     result = _store_variant(cfg, store, run, staged, "float", "float", None, fused, float_eval,
-                            logits=torch.from_numpy(logits))
+                            "", torch.from_numpy(logits))
     return result.model_copy(update={"checkpoint_layout": layout})
 
 
@@ -230,14 +230,15 @@ FLOAT_LOGITS = "evaluation/float-val-logits.npz"  # in the run folder: float's l
 def _store_float_logits(cfg: RunConfig, staged: StagedData, store: Store, run: RunInfo,
                         fused: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """Float's val/ logits and labels, computed and stored for the run's comparisons."""
-    logits: list[torch.Tensor] = []
-    evaluate(fused, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
-    batches = itertools.islice(val_loader(cfg, staged), cfg.data.max_eval_batches)
-    labels = np.concatenate([np.asarray(target) for _, target in batches])
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    evaluate(fused, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=outputs,
+             labels=targets)
+    logits, labels = torch.cat(outputs).numpy(), torch.cat(targets).numpy()
     buf = io.BytesIO()
-    np.savez(buf, logits=torch.cat(logits).numpy(), labels=labels)
+    np.savez(buf, logits=logits, labels=labels)
     store.write_bytes(f"{registry.run_dir(run.run_id)}/{FLOAT_LOGITS}", buf.getvalue())
-    return torch.cat(logits).numpy(), labels
+    return logits, labels
 
 
 def float_val_logits(cfg: RunConfig, staged: StagedData, store: Store,
@@ -411,8 +412,7 @@ def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResul
 # -- storing, benchmarking, choosing, reporting -----------------------------------------------
 def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedData,
                    variant: str, method: str, engine: str | None, model: torch.nn.Module,
-                   result: EvalResult, algorithms: str = "",
-                   logits: torch.Tensor | None = None) -> VariantResult:
+                   result: EvalResult, algorithms: str, logits: torch.Tensor) -> VariantResult:
     """Script a model and store the artifact; export it to the run's other formats and store
     them; evaluate it in every runtime against float (and each export against the TorchScript
     artifact, `logits` being its val/ logits); one `evaluations` row per runtime."""
@@ -435,9 +435,7 @@ def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDat
             exports = [e for e in formats.artifact_entries(files, variant, method, engine)
                        if e.format in cfg.formats.export]
             for e in exports:
-                for f in e.all_files():
-                    store.write_bytes(f"{registry.run_dir(run.run_id)}/{f.path}",
-                                      files[os.path.basename(f.path)])
+                _store_files(store, run, e, files)
     stored = VariantResult(variant=variant, method=method, engine=engine, eval=result,
                            artifact=entry, algorithms=algorithms, exports=exports,
                            export_error=export_error)
@@ -446,26 +444,31 @@ def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDat
     return stored.model_copy(update={"runtimes": equivalence})
 
 
+def _store_files(store: Store, run: RunInfo, entry: ArtifactEntry,
+                 files: dict[str, bytes]) -> None:
+    """Write an artifact's files ({"model.xml": bytes, ...}) where its entry says."""
+    for f in entry.all_files():
+        store.write_bytes(f"{registry.run_dir(run.run_id)}/{f.path}",
+                          files[os.path.basename(f.path)])
+
+
 def _check_runtimes(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedData,
-                    result: VariantResult, logits: torch.Tensor | None) -> list[Equivalence]:
+                    result: VariantResult, logits: torch.Tensor) -> list[Equivalence]:
     """The variant in each runtime that runs one of its files, evaluated on val/: against
     float, and (all but the first, which made `logits`) against its TorchScript artifact
     (formats.compare_logits: agreement and top-1 must hold, or the pair is not selected)."""
     float_logits, labels = float_val_logits(cfg, staged, store, run)
-    reference = logits.numpy() if logits is not None else None
-    pairs = [(entry, rt) for entry in [result.artifact, *result.exports]
-             for rt in entry.runtimes]
-    out = []
-    if reference is not None:  # the TorchScript artifact in its own engine: the reference
-        first = formats.compare_logits(reference, labels, float_logits, None, pairs[0][1])
-        out.append(first.model_copy(update={"reason": "the TorchScript artifact: the reference"}))
-        pairs = pairs[1:]
+    reference = logits.numpy()
+    (own, *pairs) = [(entry, rt) for entry in [result.artifact, *result.exports]
+                     for rt in entry.runtimes]
+    # the TorchScript artifact in its own engine made `logits`: the reference
+    first = formats.compare_logits(reference, labels, float_logits, None, own[1])
+    out = [first.model_copy(update={"reason": "the TorchScript artifact: the reference"})]
     if not pairs:
         return out
     with tempfile.TemporaryDirectory(prefix="quantlab-check-") as tmp:
-        paths = registry.verified_copies(
-            store, {f"{e.format}": (run.run_id, e) for e in {e.format: e for e, _ in pairs}.values()},
-            tmp)
+        paths = registry.verified_copies(store, {e.format: (run.run_id, e) for e, _ in pairs},
+                                         tmp)
         for entry, rt in pairs:
             predicted, _ = formats.predict(paths[entry.format], rt, val_loader(cfg, staged),
                                            cfg.timing.num_threads, cfg.data.max_eval_batches)
@@ -480,23 +483,18 @@ def _write_evaluations(cfg: RunConfig, store: Store, run: RunInfo, result: Varia
     """One `evaluations` row per runtime the variant was evaluated in (the TorchScript
     artifact's first: its loss and top-5 come from the in-process evaluation)."""
     rows = []
-    for eq in equivalence or [None]:
-        runtime = eq.runtime if eq else result.artifact.runtimes[0]
-        entry = result.entry_for(runtime)
-        own = entry is result.artifact and runtime == result.artifact.runtimes[0]
+    for i, eq in enumerate(equivalence):
+        entry = result.entry_for(eq.runtime)
         rows.append({
             "run_id": run.run_id, "variant": result.variant, "method": result.method,
             "model": cfg.model.name, "backend": get_backend().name,
             "engine": result.engine or "", "algorithms": result.algorithms,
-            "runtime": runtime, "format": entry.format,
-            "top1": eq.top1 if eq else result.eval.top1,
-            "top5": result.eval.top5 if own else None, "loss": result.eval.loss if own else None,
-            "num_images": eq.num_images if eq else result.eval.num_images,
-            "size_bytes": entry.size_bytes,
-            "agreement": eq.agreement if eq else None,
-            "float_agreement": eq.float_agreement if eq else None,
-            "sqnr_db": eq.sqnr_db if eq else None,
-            "equivalent": eq.passed if eq else None})
+            "runtime": eq.runtime, "format": entry.format, "top1": eq.top1,
+            "top5": result.eval.top5 if i == 0 else None,
+            "loss": result.eval.loss if i == 0 else None,
+            "num_images": eq.num_images, "size_bytes": entry.size_bytes,
+            "agreement": eq.agreement, "float_agreement": eq.float_agreement,
+            "sqnr_db": eq.sqnr_db, "equivalent": eq.passed})
     metrics.write_rows(store, "evaluations", rows, run.run_id, result.variant, run.created_at)
 
 
@@ -510,9 +508,7 @@ def nncf_peer(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult
     files = formats.nncf_peer(onnx_export.to_onnx_float(fused, cfg.data.transforms.input_size),
                               calibration_loader(cfg, staged, num_batches))
     (entry,) = formats.artifact_entries(files, cfg.nncf_peer, "ptq", None, int8=True)
-    for f in entry.all_files():
-        store.write_bytes(f"{registry.run_dir(run.run_id)}/{f.path}",
-                          files[os.path.basename(f.path)])
+    _store_files(store, run, entry, files)
     float_logits, labels = float_val_logits(cfg, staged, store, run)
     with tempfile.TemporaryDirectory(prefix="quantlab-nncf-") as tmp:
         path = registry.verified_copies(store, {"nncf": (run.run_id, entry)}, tmp)["nncf"]
@@ -548,15 +544,16 @@ def benchmark(cfg: RunConfig, run: RunInfo, results: list[VariantResult]) -> lis
                  for key, (r, rt) in pairs.items()}
         measured = measure_files(files, cfg.data.transforms.input_size, b.batch_sizes,
                                  b.num_threads, b.warmup, b.iterations)
-    rows = [x.model_copy(update={"variant": pairs[x.variant][0].variant}) for x in measured]
-    by_key = {(pairs[x.variant][0].variant, x.runtime): pairs[x.variant] for x in measured}
-    metrics.write_rows(store, "benchmarks", [table_row(
-        x, run_id=run.run_id, model=cfg.model.name, engine=r.engine or "",
-        input_size=cfg.data.transforms.input_size, source="quantlab",
-        optimisation=r.entry_for(rt).optimisation, channels_last=False, weights="checkpoint",
-        calibration="dataset", size_bytes=r.entry_for(rt).size_bytes)
-        for x in rows for r, rt in [by_key[(x.variant, x.runtime)]]],
-        run.run_id, "pipeline", run.created_at)
+    rows, table = [], []
+    for x in measured:
+        r, rt = pairs[x.variant]
+        rows.append(x.model_copy(update={"variant": r.variant}))
+        table.append(table_row(
+            rows[-1], run_id=run.run_id, model=cfg.model.name, engine=r.engine or "",
+            input_size=cfg.data.transforms.input_size, source="quantlab",
+            optimisation=r.entry_for(rt).optimisation, channels_last=False,
+            weights="checkpoint", calibration="dataset", size_bytes=r.entry_for(rt).size_bytes))
+    metrics.write_rows(store, "benchmarks", table, run.run_id, "pipeline", run.created_at)
     return rows
 
 
