@@ -36,10 +36,12 @@ def run_dir(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
-FORMATS = ("torchscript", "onnx", "openvino")
+FORMATS = ("torchscript", "aoti", "onnx", "openvino")
+Format = Literal["torchscript", "aoti", "onnx", "openvino"]
 # The files of an artifact in each format, in its variant's folder; the first is the one a
 # runtime loads (an OpenVINO IR is two files, which must stay side by side with one stem).
-FORMAT_FILES = {"torchscript": ("model.torchscript.pt",), "onnx": ("model.onnx",),
+FORMAT_FILES = {"torchscript": ("model.torchscript.pt",), "aoti": ("model.pt2",),
+                "onnx": ("model.onnx",),
                 "openvino": ("model.xml", "model.bin")}
 
 
@@ -83,7 +85,7 @@ class ArtifactEntry(_Strict):
     path: RelPath                           # relative to the run folder: the file a runtime loads
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=0)                # of that file (`size_bytes`: of all its files)
-    format: Literal["torchscript", "onnx", "openvino"] = "torchscript"
+    format: Format = "torchscript"
     engine: str | None = None               # quantized engine the weights were packed for
     optimisation: str = "script"            # export.OPTIMISATIONS: script | freeze; qdq | ir
     files: list[FileEntry] = []             # further files, verified with it (IR: model.bin)
@@ -112,7 +114,7 @@ class ResultRow(_Strict):
     latency_noise: float | None = None      # relative spread of the batch-1 timing rounds
     noisy: bool = False                     # the batch-1 timing stayed noisy after re-measuring
     runtime: str = "torch"                  # where it ran: quantlab.runtimes (torch-x86, openvino..)
-    format: Literal["torchscript", "onnx", "openvino"] = "torchscript"
+    format: Format = "torchscript"
     agreement: float | None = None          # % of val images with the TorchScript artifact's
                                             # top-1 (exports only)
     equivalent: bool | None = None          # the export passed formats.check (None: TorchScript)
@@ -127,7 +129,7 @@ class Selection(_Strict):
     reason: str
     within_budget: bool
     runtime: str = "torch"                  # the runtime it was chosen in (quantlab.runtimes)
-    format: Literal["torchscript", "onnx", "openvino"] = "torchscript"
+    format: Format = "torchscript"
     load_snippet: str = ""                  # three lines that load and run it without quantlab
 
 

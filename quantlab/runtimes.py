@@ -5,7 +5,8 @@
     model = rt.load("model.onnx", num_threads=2)
     logits = model.run(batch)                       # numpy float32 NCHW in, logits out
 
-Runtimes: torch (TorchScript, a quantized engine held for int8 files), ONNX Runtime (CPU
+Runtimes: torch (TorchScript, a quantized engine held for int8 files), AOTInductor packages
+of PT2E programs ("aoti": torch._inductor.aoti_load_package, plain torch), ONNX Runtime (CPU
 execution provider, fixed intra-op threads, sequential), OpenVINO (CPU, PERFORMANCE_HINT
 LATENCY, INFERENCE_NUM_THREADS; "openvino-f32" also sets INFERENCE_PRECISION_HINT f32, since
 on AMX/avx512_bf16 CPUs OpenVINO runs float models in bf16 unless told otherwise).
@@ -30,8 +31,8 @@ if __name__ == "__main__" and os.path.abspath(sys.path[0]) == os.path.dirname(os
 
 import numpy as np  # noqa: E402
 
-FORMATS = ("torchscript", "onnx", "openvino")
-_SUFFIXES = {".pt": "torchscript", ".onnx": "onnx", ".xml": "openvino"}
+FORMATS = ("torchscript", "aoti", "onnx", "openvino")
+_SUFFIXES = {".pt": "torchscript", ".pt2": "aoti", ".onnx": "onnx", ".xml": "openvino"}
 
 
 class LoadedModel(Protocol):
@@ -71,27 +72,56 @@ class TorchRuntime:
     def load(self, path: str, num_threads: int) -> LoadedModel:
         import torch
 
-        engine = self.engine
+        held = _holding(num_threads, self.engine)
+        return _TorchLoaded(held(lambda: torch.jit.load(path, map_location="cpu").eval()), held)
 
-        def held(fn):  # the process-wide engine and threads, only while this model works
-            previous = torch.backends.quantized.engine, torch.get_num_threads()
-            if engine:
-                torch.backends.quantized.engine = engine
-            torch.set_num_threads(num_threads)
-            try:
-                return fn()
-            finally:
-                torch.backends.quantized.engine = previous[0]
-                torch.set_num_threads(previous[1])
 
-        module = held(lambda: torch.jit.load(path, map_location="cpu").eval())
+class AotiRuntime:
+    """An AOTInductor package (a PT2E int8 program compiled by inductor) loaded with
+    `torch._inductor.aoti_load_package`: plain torch, no torchao; any batch size."""
 
-        class _Loaded:
-            def run(self, batch: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    return held(lambda: module(torch.from_numpy(batch)).numpy())
+    name = "aoti"
 
-        return _Loaded()
+    def supports(self, format: str) -> bool:
+        return format == "aoti"
+
+    def load(self, path: str, num_threads: int) -> LoadedModel:
+        import torch
+
+        held = _holding(num_threads)
+        return _TorchLoaded(held(lambda: torch._inductor.aoti_load_package(path)), held)
+
+
+def _holding(num_threads: int, engine: str | None = None):
+    """Run a function with torch's threads (and quantized engine) set, restored afterwards:
+    the process-wide settings hold only while this model loads or works."""
+    import torch
+
+    def held(fn):
+        previous = torch.backends.quantized.engine, torch.get_num_threads()
+        if engine:
+            torch.backends.quantized.engine = engine
+        torch.set_num_threads(num_threads)
+        try:
+            return fn()
+        finally:
+            torch.backends.quantized.engine = previous[0]
+            torch.set_num_threads(previous[1])
+
+    return held
+
+
+class _TorchLoaded:
+    """A loaded torch model (TorchScript module, AOTInductor runner) behind `run`."""
+
+    def __init__(self, module, held):
+        self.module, self.held = module, held
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.held(lambda: self.module(torch.from_numpy(batch)).numpy())
 
 
 class OnnxRuntime:
@@ -152,7 +182,8 @@ class OpenVINORuntime:
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     TorchRuntime(), TorchRuntime("x86"), TorchRuntime("onednn"), TorchRuntime("fbgemm"),
-    TorchRuntime("qnnpack"), OnnxRuntime(), OpenVINORuntime(), OpenVINORuntime("f32"))}
+    TorchRuntime("qnnpack"), AotiRuntime(), OnnxRuntime(), OpenVINORuntime(),
+    OpenVINORuntime("f32"))}
 
 
 def decline_openvino_telemetry() -> None:
@@ -200,6 +231,8 @@ def runtimes_for(format: str, engine: str | None = None, int8: bool | None = Non
     if format == "torchscript":  # x86 dispatches to fbgemm or onednn: run it under onednn too
         return ([f"torch-{engine}", "torch-onednn"] if engine == "x86" else
                 [f"torch-{engine}"] if engine else ["torch"])
+    if format == "aoti":
+        return ["aoti"]
     if format == "onnx":
         return ["onnxruntime"]
     if format == "openvino":
@@ -208,7 +241,8 @@ def runtimes_for(format: str, engine: str | None = None, int8: bool | None = Non
 
 
 def format_for(runtime: str) -> str:
-    """The artifact format a runtime runs (torch*: torchscript, onnxruntime: onnx, openvino*)."""
+    """The artifact format a runtime runs (torch*: torchscript, aoti, onnxruntime: onnx,
+    openvino*)."""
     return next(f for f in FORMATS if get_runtime(runtime).supports(f))
 
 
@@ -216,8 +250,12 @@ def load_snippet(runtime: str, path: str | None = None, num_threads: int = 2) ->
     """Three lines that load an artifact file (default: its name in the run folder) and run
     it in `runtime`, without quantlab: what the manifest's `selected` and `pull` show."""
     fmt = format_for(runtime)
-    path = path or {"torchscript": "model.torchscript.pt", "onnx": "model.onnx",
-                    "openvino": "model.xml"}[fmt]
+    path = path or {"torchscript": "model.torchscript.pt", "aoti": "model.pt2",
+                    "onnx": "model.onnx", "openvino": "model.xml"}[fmt]
+    if fmt == "aoti":
+        return ("import torch\n"
+                f"runner = torch._inductor.aoti_load_package({path!r})  # torch only, no torchao\n"
+                "logits = runner(images)  # float32 NCHW tensor, any batch size")
     if fmt == "onnx":
         return ("import onnxruntime as ort\n"
                 f"s = ort.InferenceSession({path!r}, providers=['CPUExecutionProvider'])\n"
