@@ -6,7 +6,7 @@
                                                       one node of a (multi-node) QAT job
     quantlab runs [--store URI]                       complete runs in a store
     quantlab show RUN|ALIAS [--store URI]             one run's manifest, results and choice
-    quantlab pull RUN|ALIAS [--variant NAME|best] [--format torchscript|onnx|openvino] [--dest PATH]
+    quantlab pull RUN|ALIAS [--variant NAME|best] [--format torchscript|aoti|onnx|openvino] [--dest PATH]
     quantlab announce CHECKPOINT_URI --model NAME [--store URI] [--force]
                                                       emit the event that re-quantizes it
     quantlab deploy [--prefect-file deploy/prefect.yaml]  register the scheduled deployments
@@ -257,10 +257,11 @@ def qat(config: Annotated[str, typer.Argument(help="YAML run config")],
     pipeline.preflight(cfg)
     staged = pipeline.stage(cfg)  # decodes every image: bad data fails before any write
     run = pipeline.start_run(cfg)
-    rows = pipeline.train_qat(cfg, staged, run, on_line=print)
     from quantlab import report
 
-    console.print(report.epochs_table(rows, title=f"run {run.run_id}: QAT epochs"))
+    for name, backend in cfg.qat_variants():  # qat.backends: one QAT variant per backend
+        rows = pipeline.train_qat(cfg, staged, run, on_line=print, backend=backend)
+        console.print(report.epochs_table(rows, title=f"run {run.run_id}: {name} epochs"))
     console.print(f"finish the run (PTQ, export, benchmark, report): "
                   f"quantlab run {config} --run-id {run.run_id}")
 
@@ -347,8 +348,9 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
          variant: Annotated[str, typer.Option(help="variant name, or best (the selected one)")] = "best",
          dest: Annotated[Optional[str], typer.Option(help="file (or folder) to write")] = None,
          format: Annotated[Optional[str], typer.Option(
-             "--format", help="torchscript, onnx or openvino (an IR: .xml and .bin); default: "
-             "the format best was selected in, torchscript for a named variant")] = None,
+             "--format", help="torchscript, aoti, onnx or openvino (an IR: .xml and .bin); "
+             "default: the format best was selected in, for a named variant the one its backend "
+             "ships (torchscript; aoti for PT2E variants)")] = None,
          store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
     """Download a model, verifying its sha256 against the run's manifest.
 
@@ -376,7 +378,7 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
                           f"{manifest.selected.variant} is outside its accuracy budget "
                           f"({manifest.selected.reason})", highlight=False, soft_wrap=True)
     entry = manifest.artifact(variant, format or (manifest.selected.format if variant == "best"
-                                                  else "torchscript"))
+                                                  else None))
     selected = variant in ("best", manifest.selected.variant) and \
         entry.format == manifest.selected.format
     runtime = manifest.selected.runtime if selected else (entry.runtimes or ["torch"])[0]

@@ -1,12 +1,13 @@
-"""The `quantize` flow: float checkpoint + ImageFolder data -> int8 models (TorchScript, ONNX, OpenVINO IR).
+"""The `quantize` flow: float checkpoint + ImageFolder data -> int8 models (TorchScript, AOTI, ONNX, OpenVINO IR).
 
     python flows/quantize.py run.yaml        # a local run against the ephemeral Prefect API
     quantlab run run.yaml                     # the same, through the CLI
 
 Stages: validate, stage data (every image decoded; only then does the run start in the
-store), float baseline, PTQ variants and the nncf-ptq peer in parallel (each exported to ONNX
-and OpenVINO IR and checked in every runtime), per-layer sensitivity
-and the float-fallback variant, multi-epoch QAT on gloo workers, convert and script,
+store), float baseline, PTQ variants and the nncf-ptq peer in parallel (eager ones scripted
+and exported to ONNX and OpenVINO IR and checked in every runtime, PT2E ones compiled to
+AOTInductor packages), per-layer sensitivity and the float-fallback variant, multi-epoch QAT
+on gloo workers (a variant per backend), convert and package,
 benchmark, regression gate, report. The run's manifest is written last. If the gate finds a
 regression against the previous best-<model>, the run is recorded as rejected (`best` stays)
 and the flow run fails with the gate's reason.
@@ -103,10 +104,11 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
     progress.done("fallback")
 
     epochs: list[dict] = []
-    if config.qat.enabled:
-        epochs = steps.train_qat(config, staged, run, progress)
-        progress.done("qat")
-        results.append(steps.export_qat(config, staged, run))
+    for _, backend in config.qat_variants():  # qat-x86 (eager), then qat-pt2e-x86 (pt2e)
+        epochs += steps.train_qat(config, staged, run, progress, backend)
+    progress.done("qat")
+    for _, backend in config.qat_variants():
+        results.append(steps.export_qat(config, staged, run, backend))
     progress.done("qat-export")
 
     latencies = steps.benchmark(config, run, results)

@@ -11,6 +11,11 @@ X86InductorQuantizer; "pt2e").
     observed = backend.prepare_ptq(float_model, variant)      # observers inserted
     ...run calibration batches through `observed`...
     int8 = backend.convert(observed, variant.engine)          # a new int8 model
+    package = backend.package(int8, variant.engine)           # the deployable artifact
+
+Each backend ships its own artifact format: eager mode a TorchScript file, PT2E an
+AOTInductor package (`Package.format`); `Package.runner` runs the artifact as stored, which is
+what a run evaluates.
 
 Mixed precision, for the per-layer sensitivity and the float fallback (quantlab.sensitivity),
 is `MixedPrecisionBackend`: only the eager backend has it (`supports_mixed_precision`), since it
@@ -31,8 +36,9 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -43,7 +49,7 @@ from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
 from quantlab import algorithms, models
-from quantlab.config import VariantConfig
+from quantlab.config import BACKENDS, VariantConfig
 from quantlab.errors import ConfigError
 
 # torch.backends.quantized.engine is process-global, and it decides how weights are packed at
@@ -59,8 +65,20 @@ class Layer(NamedTuple):
     num_params: int
 
 
+@dataclass(frozen=True)
+class Package:
+    """A model as its backend deploys it: the artifact's bytes and what runs them."""
+
+    format: str                             # registry.FORMATS: torchscript | aoti
+    data: bytes
+    optimisation: str                       # how it was built (export.OPTIMISATIONS, "aoti-freezing")
+    runner: nn.Module                       # runs the artifact as stored (evaluated by a run)
+    made_by: dict[str, str] = field(default_factory=dict)  # what a consumer needs to know
+
+
 class QuantBackend(Protocol):
-    """What every backend does to a float model: PTQ and QAT, each ending in `convert`."""
+    """What every backend does to a float model: PTQ and QAT, each ending in `convert`, and
+    `package`, which turns the int8 (or float) model into the artifact the backend ships."""
 
     name: str
 
@@ -78,6 +96,10 @@ class QuantBackend(Protocol):
 
     def freeze_bn_stats(self, model: nn.Module) -> None:
         """Stop updating BatchNorm running mean/variance (BN stays folded in training)."""
+
+    def package(self, model: nn.Module, engine: str | None,
+                on_line: Callable[[str], None] | None = None) -> Package:
+        """The deployable artifact of a converted (or float) model; `on_line` hears of slow work."""
 
 
 @runtime_checkable
@@ -230,6 +252,14 @@ class EagerBackend:
     def freeze_bn_stats(self, model: nn.Module) -> None:
         model.apply(nniqat.freeze_bn_stats)
 
+    def package(self, model: nn.Module, engine: str | None,
+                on_line: Callable[[str], None] | None = None) -> Package:
+        """TorchScript (export.artifact_bytes); the module itself runs what the file holds."""
+        from quantlab import export  # it imports this module (engine_context)
+
+        return Package(format="torchscript", data=export.artifact_bytes(model, engine),
+                       optimisation=export.ARTIFACT_OPTIMISATION, runner=model)
+
 
 class FloatIsland(nn.Module):
     """A layer kept in float inside an int8 model: dequantize its input, run it, requantize.
@@ -251,7 +281,6 @@ class FloatIsland(nn.Module):
 
 
 _EAGER = EagerBackend()
-BACKENDS = ("eager", "pt2e")
 
 
 def get_backend(name: str = "eager", input_size: int | None = None) -> QuantBackend:

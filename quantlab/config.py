@@ -21,6 +21,15 @@ from quantlab.errors import ConfigError
 from quantlab.models import ARCHITECTURES
 
 ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+# The quantization stacks (quantlab.backend): eager mode (torch.ao.quantization, TorchScript
+# artifacts) and PT2E (torchao.quantization.pt2e, AOTInductor packages).
+BACKENDS = ("eager", "pt2e")
+# What X86InductorQuantizer (backend pt2e) offers: it lowers to oneDNN int8 kernels through
+# inductor only, quantizes weights per channel only (inductor's x86 int8 convolution patterns
+# match per-channel weights), and calibrates activations with these observers.
+PT2E_ENGINE = "x86"
+PT2E_ACTIVATION_OBSERVERS = ("histogram", "minmax", "moving_average_minmax")
+PT2E_WEIGHT_OBSERVERS = ("per_channel_minmax",)
 ACTIVATION_OBSERVERS = ("minmax", "moving_average_minmax", "histogram", "percentile")
 WEIGHT_OBSERVERS = ("minmax", "per_channel_minmax")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,6 +90,7 @@ def _choice(field: str, valid: tuple[str, ...]):
 
 
 Engine = Annotated[str, _choice("engine", ENGINES)]
+Backend = Annotated[str, _choice("backend", BACKENDS)]
 VariantName = Annotated[str, AfterValidator(_check_variant_name)]
 ActivationObserver = Annotated[str, _choice("activation_observer", ACTIVATION_OBSERVERS)]
 WeightObserver = Annotated[str, _choice("weight_observer", WEIGHT_OBSERVERS)]
@@ -143,7 +153,12 @@ class ModelConfig(_Model):
 
 
 class VariantConfig(_Model):
-    """A named PTQ preset: engine, observers, calibration size, and PTQ algorithms.
+    """A named PTQ preset: backend, engine, observers, calibration size, and PTQ algorithms.
+
+    `backend: eager` is the tutorial's eager mode (a TorchScript artifact); `backend: pt2e` is
+    torchao's PT2E with X86InductorQuantizer (an AOTInductor package): engine x86, per-channel
+    weights, no CLE or bias correction (they are built on eager modules; a run's config
+    refuses them, see `pt2e_problem`).
 
     The algorithms (quantlab.algorithms) go beyond the tutorial's observers, without training:
     cross-layer equalization rescales consecutive layers of the fused float model before
@@ -153,6 +168,8 @@ class VariantConfig(_Model):
     """
 
     name: VariantName
+    backend: Backend = Field("eager", description="eager (torch.ao.quantization, TorchScript) "
+                             "or pt2e (torchao PT2E, X86InductorQuantizer, AOTInductor package)")
     engine: Engine = "x86"
     activation_observer: ActivationObserver = Field(
         "histogram", description=f"one of {', '.join(ACTIVATION_OBSERVERS)}")
@@ -182,6 +199,27 @@ class VariantConfig(_Model):
 
 
 
+def pt2e_problem(variant: VariantConfig) -> str | None:
+    """Why a `backend: pt2e` variant asks for something X86InductorQuantizer does not offer
+    (one line naming the setting and the valid values), or None."""
+    if variant.backend != "pt2e":
+        return None
+    name = f"variant {variant.name} (backend pt2e)"
+    if variant.engine != PT2E_ENGINE:
+        return f"{name}: engine {variant.engine!r} is not available; valid: {PT2E_ENGINE}"
+    if variant.activation_observer not in PT2E_ACTIVATION_OBSERVERS:
+        return (f"{name}: activation_observer {variant.activation_observer!r} is not available; "
+                f"valid: {', '.join(PT2E_ACTIVATION_OBSERVERS)}")
+    if variant.weight_observer not in PT2E_WEIGHT_OBSERVERS:
+        return (f"{name}: weight_observer {variant.weight_observer!r} is not available "
+                "(X86InductorQuantizer quantizes weights per channel only); valid: "
+                f"{', '.join(PT2E_WEIGHT_OBSERVERS)}")
+    if variant.cross_layer_equalization or variant.bias_correction:
+        return (f"{name}: cross_layer_equalization and bias_correction work on eager modules "
+                "only; valid: false (or backend: eager)")
+    return None
+
+
 # The tutorial's two PTQ configs, then the same with the PTQ algorithms of quantlab.algorithms.
 PTQ_PRESETS: dict[str, VariantConfig] = {
     # torch.ao.quantization.default_qconfig: per-tensor MinMax activations and weights.
@@ -204,6 +242,11 @@ PTQ_PRESETS: dict[str, VariantConfig] = {
     "ptq-x86-percentile": VariantConfig(name="ptq-x86-percentile", engine="x86",
                                         activation_observer="percentile",
                                         weight_observer="per_channel_minmax"),
+    # PyTorch's current stack: torch.export -> prepare_pt2e(X86InductorQuantizer, its default
+    # static config: histogram activations, per-channel weights) -> convert_pt2e -> AOTInductor.
+    "pt2e-x86": VariantConfig(name="pt2e-x86", backend="pt2e", engine="x86",
+                              activation_observer="histogram",
+                              weight_observer="per_channel_minmax"),
 }
 # The variants of a run that names none: the tutorial's two configs.
 DEFAULT_VARIANTS = (PTQ_PRESETS["ptq-minmax"], PTQ_PRESETS["ptq-x86"])
@@ -242,6 +285,11 @@ class QATConfig(_Model):
     enabled: bool = True
     name: VariantName = "qat-x86"
     engine: Engine = "x86"
+    backends: tuple[Backend, ...] = Field(("eager",), min_length=1, description="a QAT variant "
+                                          "per backend: eager (`name`) and pt2e (`pt2e_name`: "
+                                          "prepare_qat_pt2e with X86InductorQuantizer's QAT "
+                                          "config), trained one after the other, same schedule")
+    pt2e_name: VariantName = "qat-pt2e-x86"
     epochs: int = Field(8, ge=1)
     freeze_bn_after: int = Field(4, ge=1, description="epoch (1-based) after which BN stats freeze")
     freeze_observers_after: int = Field(5, ge=1, description="epoch after which observers freeze")
@@ -294,11 +342,23 @@ class QATConfig(_Model):
     def max_nodes(self) -> int:
         return int(self.nnodes.split(":")[-1])
 
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(v))
+
+    def variant_name(self, backend: str) -> str:
+        """The QAT variant trained with `backend` (eager: `name`, pt2e: `pt2e_name`)."""
+        return self.name if backend == "eager" else self.pt2e_name
+
     @model_validator(mode="after")
     def _schedule(self) -> "QATConfig":
         if self.max_nodes > 1 and self.rdzv_endpoint is None:
             raise ValueError(f"qat.nnodes={self.nnodes} needs qat.rdzv_endpoint (HOST:PORT of the "
                              "c10d rendezvous, e.g. the first node's address and a free port)")
+        if "pt2e" in self.backends and self.engine != PT2E_ENGINE:
+            raise ValueError(f"qat.engine {self.engine!r} is not available with qat.backends "
+                             f"pt2e (X86InductorQuantizer); valid: {PT2E_ENGINE}")
         for field in ("freeze_bn_after", "freeze_observers_after"):
             value = getattr(self, field)
             if value > self.epochs:
@@ -435,8 +495,17 @@ class RunConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":
-        ptq = [v.name for v in self.variants]
+        for v in self.variants:
+            problem = pt2e_problem(v)
+            if problem:
+                raise ValueError(problem)
+        ptq = [v.name for v in self.variants if v.backend == "eager"]
         named = self.sensitivity.variant
+        pt2e = [v.name for v in self.variants if v.backend == "pt2e"]
+        if self.sensitivity.enabled and named in pt2e:
+            raise ValueError(f"sensitivity.variant {named!r} is a backend pt2e variant: per-layer "
+                             "sensitivity and the float fallback work on eager modules only; "
+                             f"valid: {', '.join(ptq) or 'none (add an eager variant)'}, auto")
         if self.sensitivity.enabled and named not in (None, "auto") and named not in ptq:
             raise ValueError(f"sensitivity.variant {named!r} is not one of the "
                              f"run's PTQ variants; valid: {', '.join(ptq) or 'none (add one)'} "
@@ -453,9 +522,10 @@ class RunConfig(_Model):
     def sensitivity_variant(self) -> str | None:
         """The PTQ variant whose layers are analysed ("auto": chosen once PTQ is evaluated,
         see pipeline.sensitivity_base); None: no sensitivity in this run."""
-        if not self.sensitivity.enabled or not self.variants:
+        eager = [v.name for v in self.variants if v.backend == "eager"]
+        if not self.sensitivity.enabled or not eager:
             return None
-        return self.sensitivity.variant or self.variants[-1].name
+        return self.sensitivity.variant or eager[-1]
 
     @property
     def fallback_name(self) -> str | None:
@@ -465,11 +535,21 @@ class RunConfig(_Model):
         return f"{base}-fallback" if base and self.sensitivity.fallback else None
 
     def variant_names(self) -> list[str]:
-        fallbacks = ([f"{v.name}-fallback" for v in self.variants]
+        fallbacks = ([f"{v.name}-fallback" for v in self.variants if v.backend == "eager"]
                      if self.sensitivity_variant == "auto" and self.fallback_name
                      else [self.fallback_name] if self.fallback_name else [])
         return ([v.name for v in self.variants] + fallbacks
-                + ([self.qat.name] if self.qat.enabled else []))
+                + [name for name, _ in self.qat_variants()])
+
+    def qat_variants(self) -> list[tuple[str, str]]:
+        """(name, backend) of each QAT variant the run trains, in training order."""
+        q = self.qat
+        return [(q.variant_name(b), b) for b in q.backends] if q.enabled else []
+
+    @property
+    def backends(self) -> set[str]:
+        """The backends the run's PTQ and QAT variants use."""
+        return {v.backend for v in self.variants} | {b for _, b in self.qat_variants()}
 
     @property
     def nncf_peer(self) -> str | None:

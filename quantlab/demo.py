@@ -53,8 +53,9 @@ class Recipe:
     max_train_images: int | None = None  # a fixed, seeded subset of train/; None: all of it
     qat_max_train_batches: int | None = None  # QAT batches per epoch and worker; None: all
     sensitivity_variant: str | None = None  # None: the last variant; "auto": see SensitivityConfig
-    variants: tuple[str, ...] = ("ptq-minmax", "ptq-x86")  # PTQ presets the demo runs; the last
-                                        # is the one the sensitivity and the fallback patch
+    variants: tuple[str, ...] = ("ptq-minmax", "ptq-x86", "pt2e-x86")  # PTQ presets the demo
+                                        # runs; the last eager one is the one the sensitivity
+                                        # and the fallback patch
 
     @property
     def baseline(self) -> str:
@@ -79,7 +80,7 @@ DIGITS = Recipe(
 FASHION_MNIST = Recipe(
     dataset="fashion-mnist", model_kwargs={"width_mult": 1.0}, epochs=3, batch_size=128,
     max_lr=0.1, weight_decay=4e-5, max_train_images=30_000,
-    variants=("ptq-minmax", "ptq-minmax-cle-bc", "ptq-x86-cle-bc", "ptq-x86"),
+    variants=("ptq-minmax", "ptq-minmax-cle-bc", "ptq-x86-cle-bc", "ptq-x86", "pt2e-x86"),
     # the fallback patches the most accurate variant the budget would reject
     qat_max_train_batches=60, sensitivity_variant="auto",  # 60 batches x 32 images x 2 workers: 3,840 images an epoch
     transforms=TransformConfig(input_size=32, resize_size=32, pad=2, mean=(0.29, 0.29, 0.29),
@@ -96,13 +97,14 @@ def recipe(dataset: str) -> Recipe:
 
 def demo_config(store: str, data_uri: str, checkpoint: str, storage_options: dict | None = None,
                 qat_epochs: int = 3, nproc_per_node: int = 2, recipe: Recipe = DIGITS) -> RunConfig:
-    """The demo's RunConfig: the tutorial's recipe, scaled to the demo's dataset."""
+    """The demo's RunConfig: the tutorial's recipe, scaled to the demo's dataset, on both
+    stacks: eager mode (ptq-minmax, ptq-x86, qat-x86) and PT2E (pt2e-x86, qat-pt2e-x86)."""
     return RunConfig(
         model=ModelConfig(name=MODEL, checkpoint=checkpoint, kwargs=recipe.model_kwargs),
         data=DataConfig(uri=data_uri, batch_size=32, eval_batch_size=100,
                         transforms=recipe.transforms),
         store=store, storage_options=storage_options or {}, variants=recipe.variants,
-        qat=QATConfig(epochs=qat_epochs, freeze_bn_after=max(1, qat_epochs - 1),
+        qat=QATConfig(backends=("eager", "pt2e"), epochs=qat_epochs, freeze_bn_after=max(1, qat_epochs - 1),
                       freeze_observers_after=max(1, qat_epochs - 1), lr=1e-3, momentum=0.9,
                       weight_decay=0.0, nproc_per_node=nproc_per_node, threads_per_worker=1,
                       max_train_batches=recipe.qat_max_train_batches),

@@ -33,21 +33,22 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("model", pa.string()), ("backend", pa.string()), ("engine", pa.string()),
         ("algorithms", pa.string()),        # e.g. minmax+cle+bc (VariantConfig.algorithms)
         ("runtime", pa.string()),           # torch-x86, torch-onednn, onnxruntime, openvino, ..
-        ("format", pa.string()),            # torchscript | onnx | openvino
+        ("format", pa.string()),            # torchscript | aoti | onnx | openvino
         ("top1", pa.float64()), ("top5", pa.float64()),  # percent, 0-100
-        ("loss", pa.float64()),             # top-5 and loss: of the TorchScript evaluation
+        ("loss", pa.float64()),             # top-5 and loss: of the artifact's own evaluation
         ("num_images", pa.int64()), ("size_bytes", pa.int64()),
-        ("agreement", pa.float64()),        # % of images with the TorchScript artifact's top-1
+        ("agreement", pa.float64()),        # % of images with the variant's own artifact's top-1
         ("float_agreement", pa.float64()),  # % of images with float's top-1
         ("sqnr_db", pa.float64()),          # logits against float's, dB
-        ("equivalent", pa.bool_()),         # an export passed its check (null: TorchScript)
+        ("equivalent", pa.bool_()),         # an export passed its check (null: the artifact)
         ("created_at", _TS),
     ]),
     "benchmarks": pa.schema([
         ("run_id", pa.string()), ("variant", pa.string()), ("model", pa.string()),
+        ("backend", pa.string()),            # eager | pt2e (null: not a quantlab variant)
         ("engine", pa.string()),
-        ("runtime", pa.string()),            # quantlab.runtimes: torch-x86, onnxruntime, ..
-        ("format", pa.string()),             # torchscript | onnx | openvino
+        ("runtime", pa.string()),            # quantlab.runtimes: torch-x86, aoti, onnxruntime, ..
+        ("format", pa.string()),             # torchscript | aoti | onnx | openvino
         ("input_size", pa.int64()),
         ("batch_size", pa.int64()), ("num_threads", pa.int64()),
         ("latency_ms", pa.float64()),        # median
@@ -76,7 +77,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("created_at", _TS),
     ]),
     "qat_epochs": pa.schema([
-        ("run_id", pa.string()), ("epoch", pa.int64()), ("world_size", pa.int64()),
+        ("run_id", pa.string()),
+        ("variant", pa.string()), ("backend", pa.string()),  # qat-x86 eager, qat-pt2e-x86 pt2e
+        ("epoch", pa.int64()), ("world_size", pa.int64()),
         ("train_loss", pa.float64()), ("train_top1", pa.float64()),
         ("eval_top1", pa.float64()),         # of the converted int8 model
         ("eval_top5", pa.float64()),

@@ -14,8 +14,9 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
     ranking = sensitivity(cfg, staged, run, sensitivity_base(cfg, results, float_eval))
     base = next(r for r in results if r.variant == ranking.variant)
     results.append(ptq_fallback(cfg, staged, run, base, float_eval, ranking))  # fallback_name
-    train_qat(cfg, staged, run)
-    results.append(export_qat(cfg, staged, run))
+    for name, backend in cfg.qat_variants():        # qat-x86 (eager), qat-pt2e-x86 (pt2e)
+        train_qat(cfg, staged, run, backend=backend)
+        results.append(export_qat(cfg, staged, run, backend))
     results.append(nncf_peer(cfg, staged, run))      # cfg.formats.nncf_peer: NNCF's own PTQ
     latencies = benchmark(cfg, run, results)        # each variant in each of its runtimes
     pairs, rows, selected = select(cfg, results, latencies)
@@ -24,8 +25,10 @@ The Prefect tasks in tasks/ wrap these one to one; a notebook can call them in o
                        gate=verdict)
     # outcome.manifest.status == "rejected" when the gate failed: `best` was not moved
 
-The policies live in their own modules: PTQ in quantlab.ptq, the choice in quantlab.selection,
-the regression gate in quantlab.gate.
+Each variant is made by its backend (quantlab.backend: `eager`, the tutorial's eager mode, a
+TorchScript artifact; `pt2e`, torchao's PT2E, an AOTInductor package) and evaluated as the
+artifact it ships. The policies live in their own modules: PTQ in quantlab.ptq, the choice in
+quantlab.selection, the regression gate in quantlab.gate.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from quantlab import (__version__, algorithms, data, export, formats, installed_
                       models, onnx_export, qat, registry, report, runtimes)
 from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
-from quantlab.backend import check_engine, get_backend
+from quantlab.backend import QuantBackend, check_engine, get_backend
 from quantlab.formats import Equivalence
 from quantlab.timing import Latency, TimedFile, measure_files, table_row
 from quantlab.config import RunConfig, VariantConfig
@@ -83,13 +86,15 @@ class VariantResult(BaseModel):
     variant: str
     method: Literal["float", "ptq", "qat"]
     engine: str | None
-    eval: EvalResult
-    artifact: ArtifactEntry
+    eval: EvalResult                        # of its artifact (`artifact`), on val/
+    artifact: ArtifactEntry                 # what its backend ships: TorchScript or AOTI
+    backend: str = "eager"                  # eager | pt2e (quantlab.backend)
     float_layers: list[str] = []            # layers kept in float (the fallback variant)
     fallback_steps: list[FallbackStep] = [] # the fallback's greedy search, step 0 = its base
     checkpoint_layout: str | None = None    # float: what the checkpoint held (models.read_state_dict)
     algorithms: str = ""                    # e.g. "minmax+cle+bc" (VariantConfig.algorithms)
-    exports: list[ArtifactEntry] = []       # its ONNX and OpenVINO IR files (formats.export)
+    exports: list[ArtifactEntry] = []       # its ONNX and OpenVINO IR files (formats.export;
+                                            # eager variants only)
     runtimes: list[Equivalence] = []        # evaluated on val/ in each runtime, the artifact's first
     export_error: str | None = None         # why it could not be exported (it stays TorchScript)
 
@@ -123,7 +128,9 @@ def preflight(cfg: RunConfig) -> int:
     seconds here: an endpoint that does not answer yet is more likely a wrong URL than a fault.
     Images are decoded later, by `stage`, which reads them anyway.
     """
-    for engine in {v.engine for v in cfg.variants} | ({cfg.qat.engine} if cfg.qat.enabled else set()):
+    eager_qat = any(b == "eager" for _, b in cfg.qat_variants())
+    for engine in ({v.engine for v in cfg.variants if v.backend == "eager"}
+                   | ({cfg.qat.engine} if eager_qat else set())):
         check_engine(engine)
     Store(cfg.store, cfg.storage_options, PREFLIGHT_RETRY_DELAYS).check_writable()
     dataset = Store(cfg.data.uri, cfg.storage_options, PREFLIGHT_RETRY_DELAYS)
@@ -140,6 +147,12 @@ def preflight(cfg: RunConfig) -> int:
                                 dataset.root)
     num_classes = len(splits["train"])
     model = load_float(cfg, num_classes)
+    if "pt2e" in cfg.backends:  # torch.export must export the model; this CPU must lower it
+        from quantlab import pt2e
+
+        pt2e.preflight(cfg.model.name, model,
+                       next((v for v in cfg.variants if v.backend == "pt2e"), None),
+                       cfg.data.transforms.input_size)
     if any(v.cross_layer_equalization for v in cfg.variants):
         # Traced here, once, not while PTQ variants calibrate in parallel (algorithms._PAIRS);
         # a model torch.fx cannot trace fails now, with one line.
@@ -203,6 +216,19 @@ def val_loader(cfg: RunConfig, staged: StagedData):
     return data.loader(staged, cfg.data, "val", train=False)
 
 
+def backend_of(cfg: RunConfig, name: str) -> QuantBackend:
+    """The backend called `name` (eager | pt2e), set up for the run's input size."""
+    return get_backend(name, cfg.data.transforms.input_size)
+
+
+def _evaluate(cfg: RunConfig, staged: StagedData,
+              model: torch.nn.Module) -> tuple[EvalResult, torch.Tensor]:
+    """A model's val/ accuracy and its val/ logits."""
+    logits: list[torch.Tensor] = []
+    result = evaluate(model, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
+    return result, torch.cat(logits)
+
+
 def evaluate_float(cfg: RunConfig, staged: StagedData) -> EvalResult:
     """Top-1/top-5/loss of the float checkpoint on val/ (a pure function of its inputs)."""
     model = load_float(cfg, len(staged.classes))
@@ -219,8 +245,8 @@ def export_float(cfg: RunConfig, staged: StagedData, run: RunInfo,
         log.info("checkpoint %s: loaded %s", cfg.model.checkpoint, layout)
     store, fused = store_of(cfg), models.fuse(model, is_qat=False)
     logits, _ = _store_float_logits(cfg, staged, store, run, fused)
-    result = _store_variant(cfg, store, run, staged, "float", "float", None, fused, float_eval,
-                            "", torch.from_numpy(logits))
+    result = _store_variant(cfg, store, run, staged, "float", "float", "eager", None, fused, "",
+                            evaluated=(float_eval, torch.from_numpy(logits)))
     return result.model_copy(update={"checkpoint_layout": layout})
 
 
@@ -256,23 +282,18 @@ def float_val_logits(cfg: RunConfig, staged: StagedData, store: Store,
 # -- PTQ -----------------------------------------------------------------------------------
 def ptq_variant(cfg: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
-    """Fuse, insert observers, calibrate, convert to int8, evaluate, script, store."""
-    int8, result, logits = _quantize(cfg, staged, variant)
-    return _store_variant(cfg, store_of(cfg), run, staged, variant.name, "ptq", variant.engine,
-                          int8, result, variant.algorithms, logits)
+    """Prepare (eager: fuse; pt2e: torch.export), insert observers, calibrate, convert to
+    int8; package (TorchScript or AOTI), evaluate the package, store."""
+    return _store_variant(cfg, store_of(cfg), run, staged, variant.name, "ptq", variant.backend,
+                          variant.engine, _quantize(cfg, staged, variant), variant.algorithms)
 
 
 def _quantize(cfg: RunConfig, staged: StagedData, variant: VariantConfig,
-              float_layers: list[str] | tuple = ()
-              ) -> tuple[torch.nn.Module, EvalResult, torch.Tensor]:
-    """A PTQ variant's int8 model (with `float_layers` kept in float), its val accuracy and
-    its val logits."""
-    int8 = quantize_ptq(load_float(cfg, len(staged.classes)), variant,
+              float_layers: list[str] | tuple = ()) -> torch.nn.Module:
+    """A PTQ variant's int8 model (with `float_layers` kept in float)."""
+    return quantize_ptq(load_float(cfg, len(staged.classes)), variant,
                         calibration_loader(cfg, staged, variant.num_calibration_batches),
-                        float_layers)
-    logits: list[torch.Tensor] = []
-    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
-    return int8, result, torch.cat(logits)
+                        float_layers, cfg.data.transforms.input_size)
 
 
 # -- per-layer sensitivity and the float fallback ------------------------------------------
@@ -284,10 +305,11 @@ def sensitivity_base(cfg: RunConfig, results: list[VariantResult],
     if cfg.sensitivity_variant != "auto":
         return cfg.sensitivity_variant
     floor = float_eval.top1 - cfg.max_accuracy_drop
-    outside = [r for r in results if r.method == "ptq" and r.eval.top1 < floor]
+    eager = [v.name for v in cfg.variants if v.backend == "eager"]  # mixed precision is eager-only
+    outside = [r for r in results if r.variant in eager and r.eval.top1 < floor]
     if outside:
         return max(outside, key=lambda r: r.eval.top1).variant
-    return cfg.variants[-1].name
+    return eager[-1]
 
 
 def sensitivity(cfg: RunConfig, staged: StagedData, run: RunInfo,
@@ -339,7 +361,8 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
 
     def top1_with(layers: list[str]) -> float:
         built.clear()  # only the newest model is kept
-        built[len(layers)] = _quantize(cfg, staged, variant, layers)
+        int8 = _quantize(cfg, staged, variant, layers)
+        built[len(layers)] = (int8, *_evaluate(cfg, staged, int8))
         log.info("%s with %d float layers (+%s): top-1 %.2f", name, len(layers),
                  layers[-1], built[len(layers)][1].top1)
         return built[len(layers)][1].top1
@@ -348,26 +371,31 @@ def ptq_fallback(cfg: RunConfig, staged: StagedData, run: RunInfo, base: Variant
                                  float_eval.top1 - cfg.max_accuracy_drop,
                                  cfg.sensitivity.max_float_layers, cfg.sensitivity.patience)
     float_layers = [x.layer for x in ranking.layers[:sens.chosen_step(steps).num_float_layers]]
-    int8, result, logits = (built.get(len(float_layers))
-                            or _quantize(cfg, staged, variant, float_layers))
-    stored = _store_variant(cfg, store_of(cfg), run, staged, name, "ptq", variant.engine,
-                            int8, result, f"{variant.algorithms}+fallback", logits)
+    if len(float_layers) in built:
+        int8, *evaluated = built[len(float_layers)]
+    else:
+        int8, evaluated = _quantize(cfg, staged, variant, float_layers), None
+    stored = _store_variant(cfg, store_of(cfg), run, staged, name, "ptq", variant.backend,
+                            variant.engine, int8, f"{variant.algorithms}+fallback",
+                            evaluated=tuple(evaluated) if evaluated else None)
     return stored.model_copy(update={"float_layers": float_layers, "fallback_steps": steps})
 
 
 # -- QAT -----------------------------------------------------------------------------------
 def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo,
-              on_line: Callable[[str], None] = print) -> list[dict]:
-    """Launch this node's QAT workers (torchrun, gloo) and wait; returns the run's epoch rows.
+              on_line: Callable[[str], None] = print, backend: str = "eager") -> list[dict]:
+    """Launch this node's QAT workers (torchrun, gloo) for the run's QAT variant of `backend`
+    (eager: qat-x86, pt2e: qat-pt2e-x86) and wait; returns that variant's epoch rows.
 
     One node by default; with `qat.nnodes` and `qat.rdzv_endpoint`, this node's part of a
     multi-node job (every node calls this with the same config and run). Resumes from the
     run's newest checkpoint in the store; launches nothing when every epoch is done.
     """
     q, store = cfg.qat, store_of(cfg)
-    if qat.is_trained(store, run.run_id, q.epochs):
-        on_line(f"all {q.epochs} QAT epochs of run {run.run_id} are already done")
-        return qat_epochs(store, run)
+    name = q.variant_name(backend)
+    if qat.is_trained(store, run.run_id, q.epochs, backend):
+        on_line(f"all {q.epochs} QAT epochs of {name} in run {run.run_id} are already done")
+        return qat_epochs(store, run, name)
     num_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     num_threads = q.nproc_per_node * (q.threads_per_worker + cfg.data.num_workers)
     if num_cores and num_threads > num_cores:
@@ -375,55 +403,68 @@ def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo,
                     "oversubscribes this node", q.nproc_per_node, q.threads_per_worker,
                     cfg.data.num_workers, num_cores)
     job = qat.QatJob(config=cfg, staged=staged, run_id=run.run_id, run_date=run.created_at,
-                     num_classes=len(staged.classes))
+                     num_classes=len(staged.classes), backend=backend)
     with tempfile.TemporaryDirectory(prefix="quantlab-qat-") as tmp:
         path = os.path.join(tmp, "job.json")
         with open(path, "w") as f:
             f.write(job.model_dump_json())
         launch("quantlab.qat", ["--job", path], nproc_per_node=q.nproc_per_node,
                threads_per_worker=q.threads_per_worker, nnodes=q.nnodes,
-               rdzv_endpoint=q.rdzv_endpoint, rdzv_id=q.rdzv_id or run.run_id,
+               rdzv_endpoint=q.rdzv_endpoint,
+               rdzv_id=(q.rdzv_id or run.run_id) + ("" if backend == "eager" else f"-{backend}"),
                rdzv_timeout=q.rdzv_timeout, max_restarts=q.max_restarts, on_line=on_line)
-    return qat_epochs(store, run)
+    return qat_epochs(store, run, name)
 
 
-def qat_epochs(store: Store, run: RunInfo) -> list[dict]:
-    """The run's `qat_epochs` rows, in epoch order."""
+def qat_epochs(store: Store, run: RunInfo, variant: str | None = None) -> list[dict]:
+    """The run's `qat_epochs` rows (of one QAT variant, or all), in epoch order."""
     rows = metrics.read_rows(store, "qat_epochs", run.run_id)
-    return sorted(rows, key=lambda r: r["epoch"])
+    # rows written before QAT variants were recorded have no variant: they are the eager one's
+    rows = [r for r in rows if variant is None or r["variant"] in (variant, None)]
+    return sorted(rows, key=lambda r: (r["variant"] or "", r["epoch"]))
 
 
-def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
-    """Convert the final QAT checkpoint to int8, evaluate it on val/, script and store it."""
-    store = store_of(cfg)
-    if not qat.is_trained(store, run.run_id, cfg.qat.epochs):
-        raise NotFoundError(f"run {run.run_id} has QAT checkpoints up to epoch "
-                            f"{qat.latest_checkpoint(store, run.run_id)} of {cfg.qat.epochs}; "
-                            "train first")
-    model = qat.build_qat_model(cfg, len(staged.classes))
-    qat.restore(model, qat.load_checkpoint(store, run.run_id, cfg.qat.epochs))
-    int8 = get_backend().convert(model, cfg.qat.engine)
-    logits: list[torch.Tensor] = []
-    result = evaluate(int8, val_loader(cfg, staged), cfg.data.max_eval_batches, logits=logits)
-    return _store_variant(cfg, store, run, staged, cfg.qat.name, "qat", cfg.qat.engine, int8,
-                          result, "qat", torch.cat(logits))
+def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo,
+               backend: str = "eager") -> VariantResult:
+    """Convert the final QAT checkpoint of `backend`'s QAT variant to int8, package it
+    (TorchScript or AOTI), evaluate the package on val/, store it."""
+    store, epochs = store_of(cfg), cfg.qat.epochs
+    if not qat.is_trained(store, run.run_id, epochs, backend):
+        raise NotFoundError(f"run {run.run_id} has {cfg.qat.variant_name(backend)} checkpoints "
+                            f"up to epoch {qat.latest_checkpoint(store, run.run_id, backend)} of "
+                            f"{epochs}; train first")
+    model = qat.build_qat_model(cfg, len(staged.classes), backend)
+    qat.restore(model, qat.load_checkpoint(store, run.run_id, epochs, backend),
+                backend=backend_of(cfg, backend))
+    int8 = backend_of(cfg, backend).convert(model, cfg.qat.engine)
+    return _store_variant(cfg, store, run, staged, cfg.qat.variant_name(backend), "qat", backend,
+                          cfg.qat.engine, int8, "qat")
 
 
 # -- storing, benchmarking, choosing, reporting -----------------------------------------------
 def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedData,
-                   variant: str, method: str, engine: str | None, model: torch.nn.Module,
-                   result: EvalResult, algorithms: str, logits: torch.Tensor) -> VariantResult:
-    """Script a model and store the artifact; export it to the run's other formats and store
-    them; evaluate it in every runtime against float (and each export against the TorchScript
-    artifact, `logits` being its val/ logits); one `evaluations` row per runtime."""
-    payload = export.artifact_bytes(model, engine)
-    entry = ArtifactEntry(variant=variant, method=method, path=registry.artifact_path(variant),
-                          sha256=export.sha256(payload), bytes=len(payload), engine=engine,
-                          optimisation=export.ARTIFACT_OPTIMISATION,
-                          runtimes=runtimes.runtimes_for("torchscript", engine))
-    store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", payload)
+                   variant: str, method: str, backend: str, engine: str | None,
+                   model: torch.nn.Module, algorithms: str,
+                   evaluated: tuple[EvalResult, torch.Tensor] | None = None) -> VariantResult:
+    """Package a model the way its backend ships it (TorchScript; AOTI for pt2e) and store
+    the artifact; evaluate the package on val/ (`evaluated`: the model's result and logits,
+    used when the package runs the model itself); export a TorchScript model to the run's
+    other formats and store them; evaluate it in every runtime against float (and each export
+    against the artifact); one `evaluations` row per runtime."""
+    package = backend_of(cfg, backend).package(
+        model, engine, on_line=lambda line: log.info("%s: %s", variant, line))
+    if evaluated is None or package.runner is not model:
+        evaluated = _evaluate(cfg, staged, package.runner)
+    result, logits = evaluated
+    entry = ArtifactEntry(variant=variant, method=method,
+                          path=registry.artifact_path(variant, package.format),
+                          sha256=export.sha256(package.data), bytes=len(package.data),
+                          format=package.format, engine=engine,
+                          optimisation=package.optimisation, made_by=package.made_by,
+                          runtimes=runtimes.runtimes_for(package.format, engine))
+    store.write_bytes(f"{registry.run_dir(run.run_id)}/{entry.path}", package.data)
     exports, export_error = [], None
-    if cfg.formats.export:
+    if cfg.formats.export and package.format == "torchscript":  # exports are of eager modules
         try:
             files = (formats.export_float(model, cfg.data.transforms.input_size)
                      if method == "float" else
@@ -437,8 +478,8 @@ def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDat
             for e in exports:
                 _store_files(store, run, e, files)
     stored = VariantResult(variant=variant, method=method, engine=engine, eval=result,
-                           artifact=entry, algorithms=algorithms, exports=exports,
-                           export_error=export_error)
+                           artifact=entry, backend=backend, algorithms=algorithms,
+                           exports=exports, export_error=export_error)
     equivalence = _check_runtimes(cfg, store, run, staged, stored, logits)
     _write_evaluations(cfg, store, run, stored, equivalence)
     return stored.model_copy(update={"runtimes": equivalence})
@@ -455,15 +496,15 @@ def _store_files(store: Store, run: RunInfo, entry: ArtifactEntry,
 def _check_runtimes(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedData,
                     result: VariantResult, logits: torch.Tensor) -> list[Equivalence]:
     """The variant in each runtime that runs one of its files, evaluated on val/: against
-    float, and (all but the first, which made `logits`) against its TorchScript artifact
+    float, and (all but the first, which made `logits`) against its own artifact
     (formats.compare_logits: agreement and top-1 must hold, or the pair is not selected)."""
     float_logits, labels = float_val_logits(cfg, staged, store, run)
     reference = logits.numpy()
     (own, *pairs) = [(entry, rt) for entry in [result.artifact, *result.exports]
                      for rt in entry.runtimes]
-    # the TorchScript artifact in its own engine made `logits`: the reference
+    # the variant's own artifact (TorchScript in its engine, or the AOTI package) made `logits`
     first = formats.compare_logits(reference, labels, float_logits, None, own[1])
-    out = [first.model_copy(update={"reason": "the TorchScript artifact: the reference"})]
+    out = [first.model_copy(update={"reason": f"the {own[0].format} artifact: the reference"})]
     if not pairs:
         return out
     with tempfile.TemporaryDirectory(prefix="quantlab-check-") as tmp:
@@ -487,7 +528,7 @@ def _write_evaluations(cfg: RunConfig, store: Store, run: RunInfo, result: Varia
         entry = result.entry_for(eq.runtime)
         rows.append({
             "run_id": run.run_id, "variant": result.variant, "method": result.method,
-            "model": cfg.model.name, "backend": get_backend().name,
+            "model": cfg.model.name, "backend": result.backend,
             "engine": result.engine or "", "algorithms": result.algorithms,
             "runtime": eq.runtime, "format": entry.format, "top1": eq.top1,
             "top5": result.eval.top5 if i == 0 else None,
@@ -550,7 +591,7 @@ def benchmark(cfg: RunConfig, run: RunInfo, results: list[VariantResult]) -> lis
         rows.append(x.model_copy(update={"variant": r.variant}))
         table.append(table_row(
             rows[-1], run_id=run.run_id, model=cfg.model.name, engine=r.engine or "",
-            input_size=cfg.data.transforms.input_size, source="quantlab",
+            input_size=cfg.data.transforms.input_size, source="quantlab", backend=r.backend,
             optimisation=r.entry_for(rt).optimisation, channels_last=False,
             weights="checkpoint", calibration="dataset", size_bytes=r.entry_for(rt).size_bytes))
     metrics.write_rows(store, "benchmarks", table, run.run_id, "pipeline", run.created_at)
@@ -564,7 +605,8 @@ def select(cfg: RunConfig, results: list[VariantResult],
     pairs = [{"variant": r.variant, "method": r.method, "top1": eq.top1,
               "top5": r.eval.top5 if i == 0 else None,
               "size_bytes": r.entry_for(eq.runtime).size_bytes, "float_layers": r.float_layers,
-              "algorithms": r.algorithms, "runtime": eq.runtime, "agreement": eq.agreement,
+              "algorithms": r.algorithms, "backend": r.backend, "runtime": eq.runtime,
+              "agreement": eq.agreement,
               "equivalent": eq.passed, "float_agreement": eq.float_agreement,
               "sqnr_db": eq.sqnr_db if r.method != "float" else None}
              for r in results for i, eq in enumerate(r.runtimes)]
@@ -642,8 +684,9 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
                             num_val=staged.num_val, skipped_images=staged.skipped),
         checkpoint_layout=next((r.checkpoint_layout for r in results if r.method == "float"), None),
         warnings=warnings,
-        artifacts=[r.artifact for r in results if r.artifact.format == "torchscript"],
-        exports=[e for r in results for e in [r.artifact, *r.exports] if e.format != "torchscript"],
+        artifacts=[r.artifact for r in results if r.artifact.format in registry.OWN_FORMATS],
+        exports=[e for r in results for e in [r.artifact, *r.exports]
+                 if e.format not in registry.OWN_FORMATS],
         results=rows, runtime_results=pairs,
         float_runtime=next((r.runtime for r in rows if r.method == "float"), None),
         selected=selected, gate=gate,

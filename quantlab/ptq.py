@@ -1,10 +1,10 @@
 """Post-training quantization, the tutorial's way: prepare, calibrate, convert.
 
     loader = calibration_loader(cfg, staged, variant.num_calibration_batches)
-    int8 = quantize_ptq(float_model, variant, loader)          # the float model is consumed
+    int8 = quantize_ptq(float_model, variant, loader, input_size=224)   # the float model is consumed
 
-The backend (quantlab.backend) decides how a model is prepared and converted; this module
-owns the order of the phases and which images calibrate.
+The variant's backend (quantlab.backend: eager or pt2e) decides how a model is prepared and
+converted; this module owns the order of the phases and which images calibrate.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from quantlab import data
-from quantlab.backend import get_backend
+from quantlab.backend import get_backend, supports_mixed_precision
 from quantlab.config import RunConfig, VariantConfig
 from quantlab.data import StagedData
+from quantlab.errors import ConfigError
 
 
 def calibration_loader(cfg: RunConfig, staged: StagedData, num_batches: int):
@@ -37,13 +38,22 @@ def calibrate(model: torch.nn.Module, loader: Iterable) -> int:
 
 
 def quantize_ptq(model: torch.nn.Module, variant: VariantConfig, loader: Iterable,
-                 float_layers: Sequence[str] = ()) -> torch.nn.Module:
-    """A float model (consumed: it is fused in place) -> calibrated, converted int8 model.
+                 float_layers: Sequence[str] = (), input_size: int | None = None
+                 ) -> torch.nn.Module:
+    """A float model (consumed: eager mode fuses it in place) -> calibrated, converted int8 model.
 
     `loader` yields (images, labels) batches (`quantlab bench` passes random ones), in the same
-    order each time it is iterated (bias correction reads it again); `float_layers` stay in float.
+    order each time it is iterated (bias correction reads it again); `float_layers` stay in
+    float (eager mode only). `input_size`: the model's input side, which backend pt2e exports at.
     """
-    backend = get_backend()
+    backend = get_backend(variant.backend, input_size)
+    if not supports_mixed_precision(backend):  # PT2E: no float layers, no post-convert algorithms
+        if float_layers:
+            raise ConfigError(f"variant {variant.name}: float layers need backend eager; "
+                              f"backend {backend.name} quantizes every layer")
+        observed = backend.prepare_ptq(model, variant)
+        calibrate(observed, loader)
+        return backend.convert(observed, variant.engine)
     observed = backend.prepare_ptq(model, variant, float_layers)  # fuses (and equalizes) `model`
     calibrate(observed, loader)
     int8 = backend.convert(observed, variant.engine)

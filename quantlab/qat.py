@@ -5,7 +5,8 @@ Launched the torchrun way, one process per worker (see quantlab.distributed.laun
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m quantlab.qat --job job.json
 
-Each worker builds the float model, fuses it and inserts fake quantization (prepare_qat)
+Each worker builds the float model and prepares it for QAT with the job's backend (eager:
+fuse and prepare_qat; pt2e: torch.export and prepare_qat_pt2e on the exported graph)
 *before* wrapping it in DistributedDataParallel, fine-tunes with SGD on its own shard
 (DistributedSampler, set_epoch), and freezes BatchNorm statistics and observers at epochs fixed
 by the config, on every rank. After every epoch, rank 0's buffers are broadcast so all ranks
@@ -37,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from quantlab import data, evaluate, metrics, models, registry, report
 from quantlab._deprecations import silence_deprecations
-from quantlab.backend import get_backend
-from quantlab.config import RunConfig
+from quantlab.backend import QuantBackend, get_backend
+from quantlab.config import Backend, RunConfig
 from quantlab.data import StagedData
 from quantlab.distributed import init_process_group
 from quantlab.store import Store
@@ -56,12 +57,19 @@ class QatJob(BaseModel):
     run_id: str
     run_date: datetime
     num_classes: int
+    backend: Backend = "eager"              # which QAT variant: qat.name (eager) or qat.pt2e_name
+
+    @property
+    def variant(self) -> str:
+        return self.config.qat.variant_name(self.backend)
 
 
 class EpochRow(BaseModel):
     """One row of the `qat_epochs` table."""
 
     run_id: str
+    variant: str
+    backend: str
     epoch: int
     world_size: int
     train_loss: float
@@ -76,11 +84,16 @@ class EpochRow(BaseModel):
 
 
 # -- model and checkpoints ---------------------------------------------------------------
-def build_qat_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """Float checkpoint -> fused for QAT -> fake quantization inserted (train mode)."""
+def qat_backend(cfg: RunConfig, backend: str = "eager") -> QuantBackend:
+    return get_backend(backend, cfg.data.transforms.input_size)
+
+
+def build_qat_model(cfg: RunConfig, num_classes: int, backend: str = "eager") -> nn.Module:
+    """Float checkpoint -> prepared for QAT by `backend` (eager: fused, fake quantization
+    inserted; pt2e: exported, prepare_qat_pt2e), in train mode."""
     float_model = models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
                                           cfg.storage_options, **cfg.model.kwargs)
-    return get_backend().prepare_qat(float_model.train(), cfg.qat.engine)
+    return qat_backend(cfg, backend).prepare_qat(float_model.train(), cfg.qat.engine)
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module):
@@ -99,47 +112,52 @@ def freeze_state(cfg: RunConfig, epoch: int) -> tuple[bool, bool]:
     return epoch >= cfg.qat.freeze_observers_after, epoch >= cfg.qat.freeze_bn_after
 
 
-def apply_freeze(model: nn.Module, observers: bool, bn: bool) -> None:
-    backend = get_backend()
+def apply_freeze(model: nn.Module, observers: bool, bn: bool,
+                 backend: QuantBackend | None = None) -> None:
+    backend = backend or get_backend()
     if bn:
         backend.freeze_bn_stats(model)
     if observers:
         backend.freeze_observers(model)
 
 
-def latest_checkpoint(store: Store, run_id: str) -> int:
-    """The newest completed epoch with a checkpoint in the store (0 if none)."""
-    names = store.list_dir(f"{registry.run_dir(run_id)}/checkpoints/qat")
+def latest_checkpoint(store: Store, run_id: str, backend: str = "eager") -> int:
+    """The newest completed epoch of `backend`'s QAT variant with a checkpoint in the store
+    (0 if none)."""
+    names = store.list_dir(f"{registry.run_dir(run_id)}/{registry.checkpoint_dir(backend)}")
     epochs = [int(m.group(1)) for n in names if (m := re.fullmatch(r"epoch-(\d+)\.pt", n))]
     return max(epochs, default=0)
 
 
-def is_trained(store: Store, run_id: str, epochs: int) -> bool:
-    """Has the run's QAT finished: is there a checkpoint of its last epoch?"""
-    return latest_checkpoint(store, run_id) >= epochs
+def is_trained(store: Store, run_id: str, epochs: int, backend: str = "eager") -> bool:
+    """Has the run's QAT (of `backend`) finished: is there a checkpoint of its last epoch?"""
+    return latest_checkpoint(store, run_id, backend) >= epochs
 
 
 def save_checkpoint(store: Store, run_id: str, epoch: int, model: nn.Module, optimizer,
                     scheduler, observers_frozen: bool, bn_frozen: bool,
-                    rng_states: list[torch.Tensor]) -> None:
+                    rng_states: list[torch.Tensor], backend: str = "eager") -> None:
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "observers_frozen": observers_frozen, "bn_frozen": bn_frozen,
                 "rng_states": rng_states}, buf)
-    store.write_bytes(f"{registry.run_dir(run_id)}/{registry.checkpoint_path(epoch)}",
+    store.write_bytes(f"{registry.run_dir(run_id)}/{registry.checkpoint_path(epoch, backend)}",
                       buf.getvalue())
 
 
-def load_checkpoint(store: Store, run_id: str, epoch: int) -> dict:
-    data = store.read_bytes(f"{registry.run_dir(run_id)}/{registry.checkpoint_path(epoch)}")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def load_checkpoint(store: Store, run_id: str, epoch: int, backend: str = "eager") -> dict:
+    rel = f"{registry.run_dir(run_id)}/{registry.checkpoint_path(epoch, backend)}"
+    return torch.load(io.BytesIO(store.read_bytes(rel)), map_location="cpu", weights_only=True)
 
 
-def restore(model: nn.Module, ckpt: dict, optimizer=None, scheduler=None) -> None:
-    """Load a checkpoint into a freshly prepared QAT model (and its optimizer/scheduler)."""
+def restore(model: nn.Module, ckpt: dict, optimizer=None, scheduler=None,
+            backend: QuantBackend | None = None) -> None:
+    """Load a checkpoint into a freshly prepared QAT model (and its optimizer/scheduler);
+    `backend`: the one that prepared the model (default eager), whose freeze verbs the
+    checkpoint's freeze state is applied with again."""
     model.load_state_dict(ckpt["model"])
-    apply_freeze(model, ckpt["observers_frozen"], ckpt["bn_frozen"])
+    apply_freeze(model, ckpt["observers_frozen"], ckpt["bn_frozen"], backend)
     if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None:
@@ -194,9 +212,9 @@ def val_shard_loader(job: QatJob):
                        shard=(dist.get_rank(), dist.get_world_size(), limit))
 
 
-def resume_epoch(store: Store, run_id: str) -> int:
+def resume_epoch(store: Store, run_id: str, backend: str = "eager") -> int:
     """The newest checkpointed epoch, as global rank 0 sees it, agreed by every rank."""
-    latest = [latest_checkpoint(store, run_id) if dist.get_rank() == 0 else None]
+    latest = [latest_checkpoint(store, run_id, backend) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(latest, src=0)
     return latest[0]
 
@@ -223,13 +241,14 @@ def train(job: QatJob) -> nn.Module:
     store = Store(cfg.store, cfg.storage_options)
     torch.manual_seed(cfg.seed + rank)  # augmentation randomness differs per rank
 
-    model = build_qat_model(cfg, job.num_classes)
+    backend = qat_backend(cfg, job.backend)
+    model = build_qat_model(cfg, job.num_classes, job.backend)
     optimizer, scheduler = make_optimizer(cfg, model)
-    start = resume_epoch(store, job.run_id) + 1
+    start = resume_epoch(store, job.run_id, job.backend) + 1
     observers_frozen = bn_frozen = False
     if start > 1:
-        ckpt = load_checkpoint(store, job.run_id, start - 1)
-        restore(model, ckpt, optimizer, scheduler)
+        ckpt = load_checkpoint(store, job.run_id, start - 1, job.backend)
+        restore(model, ckpt, optimizer, scheduler, backend)
         observers_frozen, bn_frozen = ckpt["observers_frozen"], ckpt["bn_frozen"]
         if len(ckpt["rng_states"]) == world_size:
             torch.set_rng_state(ckpt["rng_states"][rank])
@@ -241,9 +260,9 @@ def train(job: QatJob) -> nn.Module:
 
     ddp = DDP(model)  # after prepare_qat: DDP sees the fake-quant modules and their buffers
     loader = train_loader(job)
-    log.info("worker %s of node %s: a shard of %d of %d training images, %d threads",
-             os.environ.get("LOCAL_RANK", "0"), socket.gethostname(), len(loader.sampler),
-             len(loader.dataset), torch.get_num_threads())
+    log.info("%s, worker %s of node %s: a shard of %d of %d training images, %d threads",
+             job.variant, os.environ.get("LOCAL_RANK", "0"), socket.gethostname(),
+             len(loader.sampler), len(loader.dataset), torch.get_num_threads())
     val_loader = val_shard_loader(job)
     date = run_date(store, job) if rank == 0 else job.run_date
 
@@ -255,7 +274,7 @@ def train(job: QatJob) -> nn.Module:
         broadcast_buffers(model)
         # Every rank takes the same decision from the epoch number alone.
         observers_frozen, bn_frozen = freeze_state(cfg, epoch)
-        apply_freeze(model, observers_frozen, bn_frozen)
+        apply_freeze(model, observers_frozen, bn_frozen, backend)
 
         sums = torch.tensor([stats.loss * stats.num_images, stats.top1 * stats.num_images,
                              stats.num_images], dtype=torch.float64)
@@ -266,24 +285,25 @@ def train(job: QatJob) -> nn.Module:
         dist.all_gather_object(rng_states, torch.get_rng_state())
         # Every rank holds the same model now: each converts a CPU deep copy and evaluates its
         # shard of val/; the counts add up to a whole-of-val/ evaluation.
-        eval_counts = evaluate.count(get_backend().convert(model, q.engine), val_loader)
+        eval_counts = evaluate.count(backend.convert(model, q.engine), val_loader)
         dist.all_reduce(eval_counts, op=dist.ReduceOp.SUM)
 
         if rank == 0:
             result = evaluate.result_from(eval_counts)
             num_images = int(sums[2])
-            row = EpochRow(run_id=job.run_id, epoch=epoch, world_size=world_size,
+            row = EpochRow(run_id=job.run_id, variant=job.variant, backend=job.backend,
+                           epoch=epoch, world_size=world_size,
                            train_loss=float(sums[0]) / max(num_images, 1),
                            train_top1=float(sums[1]) / max(num_images, 1),
                            eval_top1=result.top1, eval_top5=result.top5,
                            observer_frozen=observers_frozen, bn_frozen=bn_frozen, lr=lr,
                            seconds=float(seconds), images_per_sec=num_images / float(seconds))
             metrics.write_rows(store, "qat_epochs", [row.model_dump()], job.run_id,
-                               f"epoch-{epoch:04d}", date)
+                               f"{job.variant}-epoch-{epoch:04d}", date)
             save_checkpoint(store, job.run_id, epoch, model, optimizer, scheduler,
-                            observers_frozen, bn_frozen, rng_states)
-            log.info("epoch %d/%d: loss %.4f, train top-1 %.2f, int8 val top-1 %.2f top-5 %s, "
-                     "%.0f img/s%s%s", epoch, q.epochs, row.train_loss, row.train_top1,
+                            observers_frozen, bn_frozen, rng_states, job.backend)
+            log.info("%s epoch %d/%d: loss %.4f, train top-1 %.2f, int8 val top-1 %.2f top-5 %s, "
+                     "%.0f img/s%s%s", job.variant, epoch, q.epochs, row.train_loss, row.train_top1,
                      row.eval_top1, report.percent(row.eval_top5), row.images_per_sec,
                      ", BN frozen" if bn_frozen else "", ", observers frozen" if observers_frozen else "")
             emit("epoch", **row.model_dump())

@@ -38,6 +38,9 @@ def run_dir(run_id: str) -> str:
 
 FORMATS = ("torchscript", "aoti", "onnx", "openvino")
 Format = Literal["torchscript", "aoti", "onnx", "openvino"]
+# What a quantlab backend ships (a manifest's `artifacts`): eager mode TorchScript, PT2E an
+# AOTInductor package; the other formats are exports of them (`exports`).
+OWN_FORMATS = ("torchscript", "aoti")
 # The files of an artifact in each format, in its variant's folder; the first is the one a
 # runtime loads (an OpenVINO IR is two files, which must stay side by side with one stem).
 FORMAT_FILES = {"torchscript": ("model.torchscript.pt",), "aoti": ("model.pt2",),
@@ -50,8 +53,13 @@ def artifact_path(variant: str, format: str = "torchscript") -> str:
     return f"artifacts/{variant}/{FORMAT_FILES[format][0]}"
 
 
-def checkpoint_path(epoch: int) -> str:
-    return f"checkpoints/qat/epoch-{epoch:04d}.pt"
+def checkpoint_dir(backend: str = "eager") -> str:
+    """Where a run's QAT checkpoints of `backend`'s QAT variant live (the run folder's)."""
+    return "checkpoints/qat" if backend == "eager" else f"checkpoints/qat-{backend}"
+
+
+def checkpoint_path(epoch: int, backend: str = "eager") -> str:
+    return f"{checkpoint_dir(backend)}/epoch-{epoch:04d}.pt"
 
 
 class _Strict(BaseModel):
@@ -114,9 +122,10 @@ class ResultRow(_Strict):
     latency_noise: float | None = None      # relative spread of the batch-1 timing rounds
     noisy: bool = False                     # the batch-1 timing stayed noisy after re-measuring
     runtime: str = "torch"                  # where it ran: quantlab.runtimes (torch-x86, openvino..)
+    backend: Literal["eager", "pt2e"] = "eager"  # the stack that made it (quantlab.backend)
     format: Format = "torchscript"
-    agreement: float | None = None          # % of val images with the TorchScript artifact's
-                                            # top-1 (exports only)
+    agreement: float | None = None          # % of val images with the variant's own
+                                            # artifact's top-1 (exports only)
     equivalent: bool | None = None          # the export passed formats.check (None: TorchScript)
     float_agreement: float | None = None    # % of val images with float's top-1 class
     sqnr_db: float | None = None            # logits against float's on val/, dB
@@ -180,7 +189,7 @@ class Manifest(_Strict):
     versions: dict[str, str]
     dataset: DatasetInfo
     checkpoint_layout: str | None = None    # what the float checkpoint held, e.g. "a state_dict"
-    artifacts: list[ArtifactEntry]          # TorchScript, one per variant
+    artifacts: list[ArtifactEntry]          # one per variant: TorchScript (eager) or AOTI (pt2e)
     exports: list[ArtifactEntry] = []       # ONNX and OpenVINO IR files of the variants
     results: list[ResultRow]                # one per variant, in its fastest runtime
     runtime_results: list[ResultRow] = []   # one per (variant, runtime) timed
@@ -191,8 +200,9 @@ class Manifest(_Strict):
     report: dict[str, str] = {}             # name -> path relative to the run folder
     trigger: TriggerInfo | None = None      # None: a run from before triggers were recorded
 
-    def artifact(self, variant: str, format: str = "torchscript") -> ArtifactEntry:
-        """A variant's artifact in `format` (`best`: the selected variant)."""
+    def artifact(self, variant: str, format: str | None = None) -> ArtifactEntry:
+        """A variant's artifact in `format` (`best`: the selected variant); None: the one its
+        backend ships (TorchScript, or AOTI for a PT2E variant; nncf-ptq: its IR)."""
         if variant == "best":
             variant = self.selected.variant
         entries = [a for a in self.artifacts + self.exports if a.variant == variant]
@@ -201,7 +211,7 @@ class Manifest(_Strict):
             raise NotFoundError(f"run {self.run_id} has no variant {variant!r}; valid: "
                                 f"{', '.join(['best', *names])}")
         for a in entries:
-            if a.format == format:
+            if a.format == format or format is None:
                 return a
         raise NotFoundError(f"run {self.run_id} has no {format} artifact of {variant}; valid "
                             f"formats: {', '.join(a.format for a in entries)}")
@@ -351,8 +361,8 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     """Download a run's artifact to `dest`, verifying sha256 first; returns the path written.
 
     `dest`: a file, or a folder (existing, or ending with "/") for the file's own name.
-    `format`: torchscript, onnx or openvino; default: the format the run selected `best` in,
-    or torchscript for a named variant. An OpenVINO IR is two files (<stem>.xml and
+    `format`: torchscript, aoti, onnx or openvino; default: the format the run selected `best`
+    in, or the one a named variant's backend ships (TorchScript; AOTI for PT2E variants). An OpenVINO IR is two files (<stem>.xml and
     <stem>.bin): both are verified before either is written. Each file streams into a temp
     file next to `dest` while being hashed; only when every file matches are they renamed
     into place. On a mismatch nothing is left at `dest`.
@@ -360,10 +370,11 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     store = Store(store) if isinstance(store, str) else store
     manifest = load_manifest(store, resolve(store, ref))
     if format is None:
-        format = manifest.selected.format if variant == "best" else "torchscript"
-    if format not in FORMATS:
+        format = manifest.selected.format if variant == "best" else None
+    if format is not None and format not in FORMATS:
         raise NotFoundError(f"unknown artifact format {format!r}; valid: {', '.join(FORMATS)}")
     entry = manifest.artifact(variant, format)
+    format = entry.format
     # Every part of the name matched a pattern without path separators when the manifest was
     # validated: a crafted manifest cannot steer the file out of `dest`.
     suffix = os.path.splitext(entry.path)[1] if format != "torchscript" else ".pt"

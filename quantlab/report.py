@@ -14,6 +14,7 @@ import base64
 import io
 from collections.abc import Sequence
 
+from rich import box
 from rich.table import Table
 
 from quantlab.registry import Manifest, ResultRow
@@ -24,21 +25,23 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
     """The comparison as a terminal table (the one `quantlab demo` prints).
 
     It keeps within an 80-column terminal: two-line headers, the selected variant marked with
-    a `*` that the caption explains; SQNR, top-5, algorithms and float layers are in the
-    report (the CLI prints the fallback's float layers on their own line).
+    a `*` that the caption explains; top-5, algorithms, backend and float layers are in the
+    report (the CLI prints the fallback's float layers on their own line). The runtime says
+    which stack made a variant: `aoti` runs PT2E packages, the others eager mode's artifacts.
     """
     float_rt = next((r.runtime for r in rows if r.method == "float"), None)
     notes = (["* selected"] if selected else []) + (
         ["! noisy timing"] if any(r.noisy for r in rows) else []) + (
         [f"speed-up against float in {float_rt}, the fastest float runtime"] if float_rt else []) + (
-        ["agree: % of val images with float's top-1"])
-    table = Table(title=title or None, caption=", ".join(notes) or None)
-    for col in ("variant", "runtime", "top-1\n%", "agree\n%", "size\nMB", "latency\nms",
-                "speed\nup"):
+        ["agree: % of val images with float's top-1, SQNR: logits against float's"])
+    table = Table(title=title or None, caption=", ".join(notes) or None, box=box.SIMPLE_HEAD,
+                  padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for col in ("variant", "runtime", "top-1\n%", "agree\n%", "SQNR\ndB", "size\nMB",
+                "latency\nms", "speed\nup"):
         table.add_column(col, justify="left" if col in ("variant", "runtime") else "right",
                          no_wrap=True)
     for r, cells in zip(rows, table_rows(rows, None)):
-        for extra in ("algorithms", "noise", "top-5 %", "vs export", "SQNR dB",
+        for extra in ("backend", "algorithms", "noise", "top-5 %", "vs export",
                       "vs TorchScript float", "float layers"):
             del cells[extra]  # in the report and UI; the terminal keeps to 80 columns
         cells["variant"] += " *" if r.variant == selected else ""
@@ -60,7 +63,7 @@ def epochs_table(qat_epochs: Sequence[dict], title: str = "") -> Table:
     """A run's `qat_epochs` rows as a terminal table (what `quantlab qat` prints)."""
     table = Table(title=title or None)
     for col in ("epoch", "world size", "train loss", "train top-1 %", "int8 top-1 %", "BN frozen",
-                "observers frozen", "img/s"):
+                "observers frozen", "img/s"):  # of one QAT variant (pipeline.qat_epochs)
         table.add_column(col, justify="right")
     for e in sorted(qat_epochs, key=lambda e: e["epoch"]):
         table.add_row(str(e["epoch"]), str(e["world_size"]), f"{e['train_loss']:.4f}",
@@ -76,6 +79,7 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
         out.append({
             "variant": r.variant + (" (selected)" if r.variant == selected else ""),
             "runtime": r.runtime,
+            "backend": r.backend,
             "algorithms": r.algorithms or "-",
             "top-1 %": f"{r.top1:.2f}",
             "top-5 %": percent(r.top5),
@@ -120,14 +124,17 @@ def plot(rows: Sequence[ResultRow], qat_epochs: Sequence[dict]) -> bytes:
     ax1.set_ylabel("top-1 (%)")
     ax1.set_title("accuracy against latency")
     ax1.grid(alpha=0.3)
-    epochs = sorted(qat_epochs, key=lambda e: e["epoch"])
-    if epochs:
+    by_variant: dict[str, list[dict]] = {}
+    for e in sorted(qat_epochs, key=lambda e: e["epoch"]):
+        by_variant.setdefault(e.get("variant") or "qat", []).append(e)
+    for variant, epochs in by_variant.items():
         ax2.plot([e["epoch"] for e in epochs], [e["eval_top1"] for e in epochs], marker="o",
-                 label="int8 val top-1")
+                 label=f"{variant}: int8 val top-1")
+    if by_variant:
         float_row = next((r for r in rows if r.method == "float"), None)
         if float_row:
             ax2.axhline(float_row.top1, color="gray", linestyle="--", label="float")
-        ax2.set_xticks([e["epoch"] for e in epochs])
+        ax2.set_xticks(sorted({e["epoch"] for e in qat_epochs}))
         ax2.legend()
     ax2.set_xlabel("QAT epoch")
     ax2.set_ylabel("top-1 (%)")

@@ -530,7 +530,7 @@ def table_row(latency: Latency, profile: Profile | None = None, **columns) -> di
     """A `benchmarks` table row: the latency, the memory profile (or nulls), the context.
 
     `columns` carries run_id, model, engine, input_size, source, optimisation, channels_last,
-    weights, calibration and size_bytes; the CPU, its int8 ISA flags and the torch version are
+    weights, calibration and size_bytes (and backend, for a quantlab variant); the CPU, its int8 ISA flags and the torch version are
     filled in here.
     """
     nulls = {"load_ms": None, "peak_rss_mb": None, "peak_rss_delta_mb": None}
@@ -539,5 +539,5 @@ def table_row(latency: Latency, profile: Profile | None = None, **columns) -> di
             "cpu": cpu_info(), "cpu_avx2": "avx2" in flags,
             "cpu_avx512_vnni": "avx512_vnni" in flags, "cpu_amx": "amx_int8" in flags,
             "torch_version": torch.__version__, "format": runtimes.format_for(latency.runtime),
-            **columns}
+            "backend": None, **columns}
 

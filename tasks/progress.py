@@ -30,7 +30,10 @@ class Progress:
         total = sum(share for _, share in STAGES[:names.index(stage) + 1])
         self._set(total, f"{stage} done")
 
-    def qat_epoch(self, epoch: int, epochs: int) -> None:
+    def qat_epoch(self, epoch: int, epochs: int, variant: str = "QAT", part: int = 0,
+                  parts: int = 1) -> None:
+        """Epoch `epoch` of `epochs` of QAT variant number `part` (0-based) of `parts` is done."""
         before = sum(share for s, share in STAGES[:[s for s, _ in STAGES].index("qat")])
         share = dict(STAGES)["qat"]
-        self._set(before + share * epoch / epochs, f"QAT epoch {epoch}/{epochs} done")
+        self._set(before + share * (part * epochs + epoch) / (parts * epochs),
+                  f"{variant} epoch {epoch}/{epochs} done")

@@ -112,7 +112,8 @@ def export_float(config: RunConfig, staged: StagedData, run: RunInfo,
       tags=["quantlab", "ptq"])
 def ptq_variant(config: RunConfig, staged: StagedData, run: RunInfo,
                 variant: VariantConfig) -> VariantResult:
-    """One PTQ variant: prepare, calibrate, convert, evaluate, script, store."""
+    """One PTQ variant: prepare, calibrate, convert, package (TorchScript or AOTI), evaluate,
+    store."""
     result = pipeline.ptq_variant(config, pipeline.ensure_staged(config, staged), run, variant)
     log_variant(result)
     return result
@@ -179,11 +180,12 @@ def worker_line_level(line: str) -> int:
         glog.group(1), logging.INFO) if glog else logging.INFO
 
 
-@task(name="qat-train", cache_policy=NO_CACHE, tags=["quantlab", "qat", COMPUTE_CONCURRENCY_TAG],
-      timeout_seconds=TIMEOUTS["qat"])
+@task(name="qat-train", task_run_name="qat-train-{backend}", cache_policy=NO_CACHE,
+      tags=["quantlab", "qat", COMPUTE_CONCURRENCY_TAG], timeout_seconds=TIMEOUTS["qat"])
 def train_qat(config: RunConfig, staged: StagedData, run: RunInfo,
-              progress: Progress | None = None) -> list[dict]:
-    """Multi-epoch QAT on torch.distributed (gloo) workers; their output goes to this log.
+              progress: Progress | None = None, backend: str = "eager") -> list[dict]:
+    """Multi-epoch QAT of the run's QAT variant of `backend` on torch.distributed (gloo)
+    workers; their output goes to this log.
 
     Workers log as "[rank r/N] ..."; torchrun's own lines and worker tracebacks arrive too,
     as warnings and errors.
@@ -195,17 +197,20 @@ def train_qat(config: RunConfig, staged: StagedData, run: RunInfo,
         if event is None:
             logger.log(worker_line_level(line), line)
         elif event["event"] == "epoch" and progress is not None:
-            progress.qat_epoch(event["epoch"], config.qat.epochs)
+            backends = [b for _, b in config.qat_variants()]
+            progress.qat_epoch(event["epoch"], config.qat.epochs, event["variant"],
+                               backends.index(backend), len(backends))
 
     return pipeline.train_qat(config, pipeline.ensure_staged(config, staged), run,
-                              on_line=on_line)
+                              on_line=on_line, backend=backend)
 
 
-@task(name="qat-export", cache_policy=NO_CACHE, tags=["quantlab", "qat", "export"],
-      timeout_seconds=TIMEOUTS["export"])
-def export_qat(config: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult:
-    """Convert the final QAT checkpoint to int8, evaluate, script, store."""
-    result = pipeline.export_qat(config, pipeline.ensure_staged(config, staged), run)
+@task(name="qat-export", task_run_name="qat-export-{backend}", cache_policy=NO_CACHE,
+      tags=["quantlab", "qat", "export"], timeout_seconds=TIMEOUTS["export"])
+def export_qat(config: RunConfig, staged: StagedData, run: RunInfo,
+               backend: str = "eager") -> VariantResult:
+    """Convert the final QAT checkpoint to int8, package (TorchScript or AOTI), evaluate, store."""
+    result = pipeline.export_qat(config, pipeline.ensure_staged(config, staged), run, backend)
     log_variant(result)
     return result
 

@@ -21,7 +21,7 @@ import uuid
 import pytest
 import torch
 
-from quantlab.config import DataConfig, FormatsConfig, RunConfig
+from quantlab.config import PTQ_PRESETS, DataConfig, FormatsConfig, RunConfig
 from tests.support import (
     ROOT,
     TINY_TRANSFORMS,
@@ -177,4 +177,8 @@ def completed_run(prefect, tiny_dataset, tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flowrun")
     cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp / "store"), str(tmp / "cache"),
                       formats=FormatsConfig())  # every format and the nncf-ptq peer
+    pt2e = PTQ_PRESETS["pt2e-x86"].model_copy(update={"num_calibration_batches": 2})
+    cfg = cfg.model_copy(update={  # and both stacks: pt2e-x86, qat-pt2e-x86 beside the eager ones
+        "variants": (*cfg.variants, pt2e),
+        "qat": cfg.qat.model_copy(update={"backends": ("eager", "pt2e")})})
     return cfg, quantize(cfg)

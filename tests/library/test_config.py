@@ -40,6 +40,23 @@ def test_variants_by_preset_name_or_mapping():
                                                "run's PTQ variants; valid: ptq-minmax, ptq-x86"),
     ({"sensitivity": {"max_float_layers": 0}}, "sensitivity.max_float_layers"),
     ({"gate": {"max_latency_increase": -0.1}}, "gate.max_latency_increase"),
+    # backend pt2e: X86InductorQuantizer's settings only; mixed precision is eager-only
+    ({"variants": [{"name": "p", "backend": "pt2e", "engine": "qnnpack"}]},
+     "variant p (backend pt2e): engine 'qnnpack' is not available; valid: x86"),
+    ({"variants": [{"name": "p", "backend": "pt2e", "weight_observer": "minmax"}]},
+     "weight_observer 'minmax' is not available (X86InductorQuantizer quantizes weights per "
+     "channel only); valid: per_channel_minmax"),
+    ({"variants": [{"name": "p", "backend": "pt2e", "activation_observer": "percentile"}]},
+     "activation_observer 'percentile' is not available; valid: histogram, minmax"),
+    ({"variants": [{"name": "p", "backend": "pt2e", "bias_correction": True}]},
+     "cross_layer_equalization and bias_correction work on eager modules only"),
+    ({"variants": [{"name": "p", "backend": "tflite"}]}, "unknown backend 'tflite'; valid: eager, pt2e"),
+    ({"variants": ["ptq-x86", "pt2e-x86"], "sensitivity": {"variant": "pt2e-x86"}},
+     "sensitivity.variant 'pt2e-x86' is a backend pt2e variant: per-layer sensitivity and the "
+     "float fallback work on eager modules only; valid: ptq-x86, auto"),
+    ({"qat": {"backends": ["eager", "pt2e"], "engine": "onednn"}},
+     "qat.engine 'onednn' is not available with qat.backends pt2e (X86InductorQuantizer); "
+     "valid: x86"),
     ({"dask_address": "http://sched:8787"}, "dask_address 'http://sched:8787' must be a scheduler "
                                             "address: HOST:PORT or PROTOCOL://HOST:PORT with PROTOCOL one of tcp"),
 ])
@@ -58,6 +75,22 @@ def test_yaml_with_overrides(tmp_path):
     assert cfg.model.name == "resnet18" and cfg.qat.epochs == 5 and cfg.store == "s3://b/p"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_pt2e_variants_beside_the_eager_ones():
+    cfg = parse_config({**BASE, "variants": ["ptq-minmax", "ptq-x86", "pt2e-x86",
+                                             {"name": "pt2e-minmax", "backend": "pt2e",
+                                              "activation_observer": "minmax"}],
+                        "qat": {"backends": ["eager", "pt2e"]}})
+    assert [v.backend for v in cfg.variants] == ["eager", "eager", "pt2e", "pt2e"]
+    assert cfg.sensitivity_variant == "ptq-x86"  # the last eager variant, not a PT2E one
+    assert cfg.qat_variants() == [("qat-x86", "eager"), ("qat-pt2e-x86", "pt2e")]
+    assert cfg.variant_names() == ["ptq-minmax", "ptq-x86", "pt2e-x86", "pt2e-minmax",
+                                   "ptq-x86-fallback", "qat-x86", "qat-pt2e-x86"]
+    assert cfg.backends == {"eager", "pt2e"}
+    with pytest.raises(ConfigError, match="unique .* qat-pt2e-x86"):
+        parse_config({**BASE, "variants": [{"name": "qat-pt2e-x86", "backend": "pt2e"}],
+                      "qat": {"backends": ["pt2e"]}})
 
 
 def test_variant_names_are_unique():

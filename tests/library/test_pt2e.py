@@ -174,32 +174,51 @@ def test_qat_freeze_schedule_on_the_exported_graph():
     assert not any(pt2e.bn_training(model))  # frozen BN survives train()
 
 
-def _ddp_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
-                                         rank=rank, world_size=world_size)
-    try:
-        backend = get_backend("pt2e", input_size=SIZE)
-        model = backend.prepare_qat(tiny_float(seed=0).train(), "x86")
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
-        train_one_epoch(ddp, batches(2, seed=10 + rank), optimizer)  # each rank its own shard
-        backend.freeze_bn_stats(ddp)
-        backend.freeze_observers(ddp)
-        train_one_epoch(ddp, batches(1, seed=20 + rank), optimizer)
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        torch.distributed.all_gather(gathered, flat)
-        if rank == 0:
-            torch.save({"params": gathered, "bn_training": pt2e.bn_training(model)}, out)
-    finally:
-        torch.distributed.destroy_process_group()
+def test_qat_pt2e_on_two_gloo_workers_freezes_when_the_config_says_and_resumes(
+        tiny_dataset, tiny_checkpoint, tmp_path):
+    """qat-pt2e-x86 the way a run trains it: torchrun, 2 gloo workers, DDP around the exported
+    graph, a checkpoint per epoch. 2 epochs, BN frozen after epoch 1 and observers after epoch
+    2; then the same run asked for a 3rd epoch resumes from the stored checkpoint."""
+    from quantlab import pipeline, qat
+    from quantlab.config import QATConfig
+    from quantlab.store import Store
+    from tests.support import make_config
 
+    schedule = QATConfig(backends=("pt2e",), epochs=2, freeze_bn_after=1,
+                         freeze_observers_after=2, lr=1e-2, nproc_per_node=2,
+                         threads_per_worker=1, max_restarts=0)
+    cfg = make_config(tiny_dataset, tiny_checkpoint, str(tmp_path / "store"),
+                      str(tmp_path / "cache"), qat=schedule)
+    assert cfg.qat_variants() == [("qat-pt2e-x86", "pt2e")]
+    pipeline.preflight(cfg)
+    staged, run = pipeline.stage(cfg), pipeline.start_run(cfg)
+    lines: list[str] = []
+    rows = pipeline.train_qat(cfg, staged, run, on_line=lines.append, backend="pt2e")
+    assert [(r["variant"], r["backend"], r["epoch"], r["world_size"], r["bn_frozen"],
+             r["observer_frozen"]) for r in rows] == [
+        ("qat-pt2e-x86", "pt2e", 1, 2, True, False), ("qat-pt2e-x86", "pt2e", 2, 2, True, True)]
+    store = Store(cfg.store)
+    first, second = (qat.load_checkpoint(store, run.run_id, e, "pt2e")["model"] for e in (1, 2))
+    assert not qat.is_trained(store, run.run_id, 1)  # the eager variant's checkpoints are apart
 
-def test_ddp_wraps_a_pt2e_qat_graph_on_two_gloo_workers(tmp_path):
-    out = str(tmp_path / "ddp.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), out), nprocs=2)
-    result = torch.load(out)
-    first, second = result["params"]
-    assert torch.equal(first, second)  # gradients were all-reduced: the replicas agree
-    assert result["bn_training"] and not any(result["bn_training"])
+    def values(state, suffix):
+        return [v for k, v in state.items() if k.endswith(suffix)]
+
+    # BN statistics stopped after epoch 1; observers ran through epoch 2 and then stopped;
+    # the weights trained on.
+    assert values(first, "running_mean") and all(
+        torch.equal(a, b) for a, b in zip(values(first, "running_mean"), values(second, "running_mean")))
+    assert any(not torch.equal(a, b) for a, b in zip(values(first, ".scale"), values(second, ".scale")))
+    assert all(v.item() == 1 for v in values(first, "observer_enabled"))
+    assert values(second, "observer_enabled") and all(
+        v.item() == 0 for v in values(second, "observer_enabled"))
+    assert any(not torch.equal(a, b) for a, b in zip(values(first, "weight"), values(second, "weight")))
+
+    longer = cfg.model_copy(update={"qat": schedule.model_copy(update={"epochs": 3})})
+    rows = pipeline.train_qat(longer, staged, run, on_line=lines.append, backend="pt2e")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert any("resuming from the checkpoint of epoch 2" in line for line in lines)
+    third = qat.load_checkpoint(store, run.run_id, 3, "pt2e")["model"]
+    # restored into a freshly exported graph, frozen again: epoch 3 changed neither
+    for suffix in ("running_mean", ".scale"):
+        assert all(torch.equal(a, b) for a, b in zip(values(second, suffix), values(third, suffix)))

@@ -122,7 +122,7 @@ def test_qat_on_two_gloo_workers_then_export(run_ctx):
     lines = []
     rows = pipeline.train_qat(cfg, staged, run, on_line=lines.append)
     assert [r["epoch"] for r in rows] == [1, 2]
-    assert any("[rank 0/2] epoch 1/2" in line for line in lines)
+    assert any("[rank 0/2] qat-x86 epoch 1/2" in line for line in lines)
     assert any(qat.parse_event(line) for line in lines)
     # 72 training images: each of the 2 ranks gets its own 36
     assert sum("a shard of 36 of 72 training images, 1 threads" in line for line in lines) == 2
@@ -130,7 +130,7 @@ def test_qat_on_two_gloo_workers_then_export(run_ctx):
     # Once every epoch is done, a re-run launches nothing and retrains nothing.
     again = pipeline.train_qat(cfg, staged, run, on_line=lines.append)
     assert again == rows
-    assert lines[-1] == f"all 2 QAT epochs of run {run.run_id} are already done"
+    assert lines[-1] == f"all 2 QAT epochs of qat-x86 in run {run.run_id} are already done"
 
 
 def test_ranks_agree_on_ranges_and_freezing_and_see_distinct_shards(run_ctx, tmp_path):

@@ -34,7 +34,7 @@ def ranked(tiny_dataset, tiny_checkpoint, tmp_path_factory):
 
 def test_sensitivity_has_a_ranked_row_per_quantized_layer(ranked):
     (cfg, run, staged, _), result = ranked
-    int8, _, _ = pipeline._quantize(cfg, staged, cfg.variant("ptq-x86"))
+    int8 = pipeline._quantize(cfg, staged, cfg.variant("ptq-x86"))
     quantized = [n for n, m in int8.named_modules() if isinstance(m, INT8_LAYERS)]
     rows = metrics.read_rows(Store(cfg.store), "sensitivity", run.run_id)
     assert sorted(r["layer"] for r in rows) == sorted(quantized) and len(quantized) > 50

@@ -16,13 +16,16 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     m = registry.load_manifest(store, result.manifest.run_id)
     assert m.status == "succeeded" and m.input_size == 32
     assert m.run_id.startswith("flow-")  # from the flow run: a retry would resume it
-    assert [a.variant for a in m.artifacts] == ["float", "ptq-minmax", "ptq-x86",
-                                                "ptq-x86-fallback", "qat-x86"]
+    assert [(a.variant, a.format) for a in m.artifacts] == [
+        ("float", "torchscript"), ("ptq-minmax", "torchscript"), ("ptq-x86", "torchscript"),
+        ("pt2e-x86", "aoti"), ("ptq-x86-fallback", "torchscript"), ("qat-x86", "torchscript"),
+        ("qat-pt2e-x86", "aoti")]
     for a in m.artifacts:
         registry.read_artifact(store, m, a.variant)  # sha256 matches
     assert {"torch", "torchvision", "quantlab"} <= set(m.versions)
     assert m.dataset.fingerprint and m.config["data"]["transforms"]["input_size"] == 32
-    assert m.selected.variant in {"ptq-minmax", "ptq-x86", "ptq-x86-fallback", "qat-x86"}
+    assert m.selected.variant in {"ptq-minmax", "ptq-x86", "pt2e-x86", "ptq-x86-fallback",
+                                  "qat-x86", "qat-pt2e-x86", "nncf-ptq"}
     assert m.gate.passed and "no previous best-mobilenet_v2" in m.gate.reason
     assert m.max_accuracy_drop == cfg.max_accuracy_drop
     by_variant = {r.variant: r for r in m.results}
@@ -32,9 +35,13 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     assert fallback.float_layers == [x.layer for x in result.most_sensitive][
         :len(fallback.float_layers)]
     # every variant in every runtime: float in torch, ONNX Runtime, OpenVINO (default and f32);
-    # each x86 int8 TorchScript under x86 and onednn, its ONNX and its IR; nncf-ptq's IR
+    # each x86 int8 TorchScript under x86 and onednn, its ONNX and its IR; nncf-ptq's IR;
+    # each PT2E variant's AOTInductor package (no exports: they are of eager modules)
     pairs = {(r.variant, r.runtime) for r in m.runtime_results}
-    assert len(pairs) == len(m.runtime_results) == 4 + 4 * 4 + 1
+    assert len(pairs) == len(m.runtime_results) == 4 + 4 * 4 + 1 + 2
+    assert {(r.variant, r.runtime, r.backend, r.format) for r in m.runtime_results
+            if r.backend == "pt2e"} == {("pt2e-x86", "aoti", "pt2e", "aoti"),
+                                        ("qat-pt2e-x86", "aoti", "pt2e", "aoti")}
     assert {rt for v, rt in pairs if v == "float"} == {"torch", "onnxruntime", "openvino",
                                                        "openvino-f32"}
     assert {rt for v, rt in pairs if v == "qat-x86"} == {"torch-x86", "torch-onednn",
@@ -50,13 +57,13 @@ def test_flow_writes_artifacts_metrics_manifest_and_aliases(completed_run):
     diverged = [r for r in m.runtime_results if r.equivalent is False]
     assert (m.selected.variant, m.selected.runtime) not in {(r.variant, r.runtime) for r in diverged}
     assert all(r.agreement is not None for r in m.runtime_results
-               if r.format != "torchscript" and r.variant != "nncf-ptq")
+               if r.format not in registry.OWN_FORMATS and r.variant != "nncf-ptq")
     assert all(r.float_agreement is not None for r in m.runtime_results)
     assert m.float_runtime == by_variant["float"].runtime
     assert m.selected.load_snippet.count("\n") == 2
     for table, expected in [("evaluations", len(m.runtime_results)),
                             ("benchmarks", 2 * (len(m.runtime_results) - len(diverged))),
-                            ("qat_epochs", 1), ("sensitivity", 53)]:
+                            ("qat_epochs", 2), ("sensitivity", 53)]:
         assert len(metrics.read_rows(store, table, result.manifest.run_id)) == expected, table
     assert store.exists(f"runs/{m.run_id}/report/comparison.png")
     report = store.read_bytes(f"runs/{m.run_id}/report/report.md").decode()
@@ -167,6 +174,56 @@ def test_pull_fetches_onnx_and_both_ir_files_or_nothing(completed_run, tmp_path)
     with pytest.raises(registry.NotFoundError, match="no onnx artifact of nncf-ptq; valid "
                                                      "formats: openvino"):
         registry.pull(cfg.store, run_id, "nncf-ptq", str(tmp_path), format="onnx")
+
+
+BARE_AOTI = """
+import json, sys
+import numpy as np, torch
+runner = torch._inductor.aoti_load_package(sys.argv[1])
+images = torch.from_numpy(np.load(sys.argv[2]))
+with torch.inference_mode():
+    logits = torch.cat([runner(images[i:i + 5]) for i in range(0, len(images), 5)])
+np.save(sys.argv[3], logits.numpy())
+print(json.dumps({"leaked": sorted(m for m in sys.modules
+                                   if m.split(".")[0] in ("quantlab", "torchao"))}))
+"""
+
+
+def test_a_pulled_pt2e_package_runs_in_a_bare_process_as_evaluated(completed_run, tmp_path):
+    """pt2e-x86 and qat-pt2e-x86 as AOTInductor packages: pulled (sha256 verified), loaded
+    with torch alone, their val/ top-1 is the one the run stored."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from quantlab import data, pipeline
+    from quantlab.formats import as_numpy
+
+    cfg, result = completed_run
+    m = result.manifest
+    staged = pipeline.stage(cfg)
+    images, labels = as_numpy(data.loader(staged, cfg.data, "val", train=False))
+    np.save(tmp_path / "val.npy", images)
+    stored = {(r["variant"], r["runtime"]): r for r in metrics.read_rows(Store(cfg.store),
+                                                                        "evaluations", m.run_id)}
+    for variant in ("pt2e-x86", "qat-pt2e-x86"):
+        entry = m.artifact(variant)
+        assert entry.format == "aoti" and entry.runtimes == ["aoti"]
+        assert entry.made_by["torch"] == torch.__version__ and entry.made_by["vec_isa"]
+        path = registry.pull(cfg.store, m.run_id, variant, str(tmp_path) + "/")  # its own format
+        assert path.endswith(f"mobilenet_v2-{variant}-{m.run_id}.pt2")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        done = subprocess.run([sys.executable, "-P", "-c", BARE_AOTI, path,
+                               str(tmp_path / "val.npy"), str(tmp_path / "logits.npy")],
+                              capture_output=True, text=True, env=env, cwd=str(tmp_path))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["leaked"] == []
+        top1 = 100.0 * float((np.load(tmp_path / "logits.npy").argmax(1) == labels).mean())
+        row = stored[(variant, "aoti")]
+        assert (row["backend"], row["format"]) == ("pt2e", "aoti")
+        assert top1 == pytest.approx(row["top1"]) and row["num_images"] == len(labels)
+        assert row["sqnr_db"] is not None and row["float_agreement"] is not None
 
 
 def test_unknown_refs_and_variants_are_named(completed_run):

@@ -8,7 +8,7 @@ from quantlab_tasks.steps import worker_line_level
 
 # Lines as torchrun and a failing gloo worker print them (merged stdout and stderr).
 @pytest.mark.parametrize("line, level", [
-    ("[rank 0/2] epoch 1/3: loss 0.4210, train top-1 88.10", logging.INFO),
+    ("[rank 0/2] qat-x86 epoch 1/3: loss 0.4210, train top-1 88.10", logging.INFO),
     ("[rank1]: Traceback (most recent call last):", logging.ERROR),
     ("[rank1]: RuntimeError: boom in worker", logging.ERROR),
     ("W1127 03:33:03.652000 11514 torch/distributed/elastic/multiprocessing/api.py:1028] "
