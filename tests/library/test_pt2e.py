@@ -222,3 +222,19 @@ def test_qat_pt2e_on_two_gloo_workers_freezes_when_the_config_says_and_resumes(
     # restored into a freshly exported graph, frozen again: epoch 3 changed neither
     for suffix in ("running_mean", ".scale"):
         assert all(torch.equal(a, b) for a, b in zip(values(second, suffix), values(third, suffix)))
+
+
+def test_a_run_with_a_pt2e_variant_fails_in_preflight_where_it_cannot_be_lowered(
+        tiny_config, monkeypatch):
+    """One line naming the model and the reason, before anything is stored (the CPU cannot be
+    changed here, so its check is made to answer as an ARM machine's would)."""
+    from quantlab import pipeline
+
+    cfg = tiny_config.model_copy(update={"variants": (*tiny_config.variants,
+                                                      PTQ_PRESETS["pt2e-x86"])})
+    monkeypatch.setattr(pt2e, "lowering_problem", lambda: "the CPU is aarch64, and "
+                        "X86InductorQuantizer lowers to x86 only")
+    with pytest.raises(ConfigError, match=r"^model mobilenet_v2: backend pt2e cannot run here: "
+                                          r"the CPU is aarch64, and X86InductorQuantizer"):
+        pipeline.preflight(cfg)
+    assert not os.path.exists(cfg.store) or not os.listdir(cfg.store)
