@@ -318,8 +318,9 @@ def read_verified(store: Store, run_id: str, entry: ArtifactEntry | FileEntry) -
 
 
 def read_artifact(store: Store, manifest: Manifest, variant: str = "best",
-                  format: str = "torchscript") -> bytes:
-    """A complete run's artifact file (`best`: the selected variant), verified."""
+                  format: str | None = None) -> bytes:
+    """A complete run's artifact file (`best`: the selected variant; `format` None: the one
+    its backend ships), verified."""
     return read_verified(store, manifest.run_id, manifest.artifact(variant, format))
 
 

@@ -25,7 +25,7 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
     """The comparison as a terminal table (the one `quantlab demo` prints).
 
     It keeps within an 80-column terminal: two-line headers, the selected variant marked with
-    a `*` that the caption explains; top-5, algorithms, backend and float layers are in the
+    a `*` that the caption explains; top-5, algorithms, backend, format and float layers are in the
     report (the CLI prints the fallback's float layers on their own line). The runtime says
     which stack made a variant: `aoti` runs PT2E packages, the others eager mode's artifacts.
     """
@@ -41,7 +41,7 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
         table.add_column(col, justify="left" if col in ("variant", "runtime") else "right",
                          no_wrap=True)
     for r, cells in zip(rows, table_rows(rows, None)):
-        for extra in ("backend", "algorithms", "noise", "top-5 %", "vs export",
+        for extra in ("backend", "format", "algorithms", "noise", "top-5 %", "vs export",
                       "vs TorchScript float", "float layers"):
             del cells[extra]  # in the report and UI; the terminal keeps to 80 columns
         cells["variant"] += " *" if r.variant == selected else ""
@@ -80,6 +80,7 @@ def table_rows(rows: Sequence[ResultRow], selected: str | None) -> list[dict[str
             "variant": r.variant + (" (selected)" if r.variant == selected else ""),
             "runtime": r.runtime,
             "backend": r.backend,
+            "format": r.format,
             "algorithms": r.algorithms or "-",
             "top-1 %": f"{r.top1:.2f}",
             "top-5 %": percent(r.top5),

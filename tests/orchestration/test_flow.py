@@ -86,6 +86,7 @@ def test_printed_table_fits_an_80_column_terminal(completed_run):
     text = console.export_text()
     assert "\u2026" not in text  # nothing cut off with an ellipsis
     assert f"{result.manifest.selected.variant} *" in text and "* selected" in text and "qat-x86" in text
+    assert "qat-pt2e-x86" in text and "SQNR" in text
 
 
 def test_flow_publishes_keyed_artifacts(completed_run):
@@ -108,9 +109,12 @@ def test_flow_publishes_keyed_artifacts(completed_run):
     table = by_key["quantlab-comparison"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [r["variant"].split(" ")[0] for r in table] == [
-        "float", "ptq-minmax", "ptq-x86", "nncf-ptq", "ptq-x86-fallback", "qat-x86"]
+        "float", "ptq-minmax", "ptq-x86", "pt2e-x86", "nncf-ptq", "ptq-x86-fallback", "qat-x86",
+        "qat-pt2e-x86"]
     assert {r["runtime"] for r in table} <= {"torch", "torch-x86", "torch-onednn", "onnxruntime",
-                                             "openvino", "openvino-f32"}
+                                             "openvino", "openvino-f32", "aoti"}
+    assert {(r["variant"], r["backend"], r["format"]) for r in table if r["runtime"] == "aoti"} == {
+        ("pt2e-x86", "pt2e", "aoti"), ("qat-pt2e-x86", "pt2e", "aoti")}
     assert [r["variant"] for r in table].count(f"{result.manifest.selected.variant} (selected)") == 1
     assert float(by_key["quantlab-progress"].data) == 100.0
     assert result.manifest.run_id in by_key["quantlab-report"].data
