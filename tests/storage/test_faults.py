@@ -104,7 +104,8 @@ def test_task_retries_skip_user_errors():
 
 def test_leftovers_of_a_killed_writer_are_never_read(tmp_path):
     store = Store(str(tmp_path))
-    row = {"run_id": "r1", "epoch": 1, "world_size": 2, "train_loss": 0.5, "train_top1": 80.0,
+    row = {"run_id": "r1", "variant": "qat-x86", "backend": "eager", "epoch": 1, "world_size": 2,
+           "train_loss": 0.5, "train_top1": 80.0,
            "eval_top1": 79.0, "eval_top5": 95.0, "observer_frozen": False, "bn_frozen": True,
            "lr": 1e-4, "seconds": 3.0, "images_per_sec": 100.0}
     rel = metrics.write_rows(store, "qat_epochs", [row], "r1", "epoch-0001", metrics.now())
@@ -259,7 +260,7 @@ def test_sigkill_during_qat_and_before_the_manifest_then_the_run_completes(
 
     third = Cli(tmp_path, "third", args, env)
     assert third.wait() == 0, third.output[-3000:]
-    assert f"all 2 QAT epochs of run {run_id} are already done" in third.output
+    assert f"all 2 QAT epochs of qat-x86 in run {run_id} are already done" in third.output
     [m] = registry.list_runs(store)
     assert m.run_id == run_id and m.artifact(cfg.qat.name)
     for a in m.artifacts:

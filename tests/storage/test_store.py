@@ -90,7 +90,8 @@ def test_concurrent_writers_never_clobber_metric_files(store_uri):
 def test_metric_tables_read_by_plain_pyarrow_and_duckdb(tmp_path):
     duckdb = pytest.importorskip("duckdb")
     store = Store(str(tmp_path))
-    row = {"run_id": "r1", "epoch": 1, "world_size": 2, "train_loss": 0.5, "train_top1": 80.0,
+    row = {"run_id": "r1", "variant": "qat-x86", "backend": "eager", "epoch": 1, "world_size": 2,
+           "train_loss": 0.5, "train_top1": 80.0,
            "eval_top1": 79.0, "eval_top5": 95.0, "observer_frozen": False, "bn_frozen": True,
            "lr": 1e-4, "seconds": 3.0, "images_per_sec": 100.0}
     metrics.write_rows(store, "qat_epochs", [row], "r1", "epoch-0001", RUN_DATE)
