@@ -46,6 +46,9 @@ SILENCED_LOGS = [
     # torchao 0.18 registers its KernelPreference enum as a pytree constant; torch 2.14 now
     # supports enums natively and logs that the call is deprecated, once per process.
     ("torch.utils._pytree", r"<enum '\w+'> is an Enum subclass and is now natively supported"),
+    # inductor's C++ compile of an AOTInductor package (quantlab.pt2e) asks cpp_extension for
+    # build flags; torch's CUDA wheel then logs that this CPU-only machine has no CUDA runtime.
+    ("torch.utils.cpp_extension", r"No CUDA runtime is found"),
 ]
 
 
