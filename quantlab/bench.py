@@ -14,7 +14,17 @@ and batch size, interleaved, noise flagged, threads capped to the idle CPUs):
   torch (quantlab.reference, which imports nothing from quantlab), once per engine,
   optimisation and memory layout asked for. The fastest `torch-int8` is the plain-torch
   reference quantlab's artifact is compared with; the fastest float of all is the fair float
-  baseline.
+  baseline;
+- `pt2e-x86 in aoti` (with `pt2e`, the default): the same float weights quantized by PT2E
+  (quantlab.pt2e: torch.export, X86InductorQuantizer with the ptq-x86 observers, the same
+  calibration batches) and packaged with AOTInductor (pt2e.package_bytes), timed as a .pt2 file
+  in the "aoti" runtime in the same fresh process; the summary sets it against the fastest
+  eager-mode int8 TorchScript model of the run;
+- `pt2e-x86 torch.compile (in-process)`: the same converted PT2E program through torch.compile
+  (inductor, freezing), a reference for what the AOTI runner adds per call. A compiled program
+  is no file, so it is timed in this process after the files (a static compile per batch size,
+  at the thread counts the files were timed with), not interleaved with them; the summary
+  leaves it out.
 
 Timing in this process, which built and quantized the models and runs a rich console, made
 int8 at 2 threads look slower than at 1: the same loaded modules served every thread count,
@@ -39,18 +49,22 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantlab import export, formats, metrics, models, onnx_export, ptq, reference
-from quantlab.backend import check_engine, engine_context
-from quantlab.timing import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags,
+from quantlab import export, formats, metrics, models, onnx_export, pt2e, ptq, reference
+from quantlab.backend import check_engine, engine_context, get_backend
+from quantlab.timing import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags, measure,
                             measure_files, profile_artifact, table_row)
-from quantlab.config import (DEFAULT_VARIANTS, NNCF_PEER, Architecture, Engines, PositiveInts,
-                             Variants, format_validation_error)
+from quantlab.config import (DEFAULT_VARIANTS, NNCF_PEER, PTQ_PRESETS, Architecture, Engines,
+                             PositiveInts, Variants, format_validation_error)
 from quantlab.errors import ConfigError
 from quantlab.store import Store
 
 FLOAT_VARIANTS = ("float", "torch-float")
 PLAIN_INT8 = "torch-int8"
 CALIBRATION_BATCH = 8  # images per random calibration batch
+PT2E_VARIANT = "pt2e-x86"      # PT2E PTQ with X86InductorQuantizer and the ptq-x86 observers
+PT2E_PRESET = "ptq-x86"
+PT2E_OPTIMISATION = "freezing"  # inductor's freezing: int8 weights prepacked for oneDNN
+IN_PROCESS = "inductor-in-process"  # the runtime of the torch.compile reference (no file)
 
 
 class BenchSpec(BaseModel):
@@ -75,6 +89,11 @@ class BenchSpec(BaseModel):
     runtimes: bool = Field(True, description="also export quantlab's float and int8 artifacts to "
                            "ONNX and OpenVINO IR (quantlab.formats), add nncf-ptq, and time each "
                            "in ONNX Runtime and OpenVINO beside TorchScript")
+    pt2e: bool = Field(True, description=f"also quantize with PT2E ({PT2E_VARIANT}: torchao's "
+                       "X86InductorQuantizer), time its AOTInductor package (runtime aoti) "
+                       "beside TorchScript, and the same program through torch.compile in this "
+                       "process (one AOTInductor compile and one torch.compile per batch size: "
+                       "tens of seconds at 224 px)")
     warmup: int = Field(10, ge=0, description="untimed calls per model and setting")
     iterations: int = Field(100, ge=10, description="timed calls per model and setting")
     calibration_batches: int = Field(4, ge=1, description=f"random batches of {CALIBRATION_BATCH}")
@@ -105,7 +124,8 @@ def parse_spec(data: dict[str, Any]) -> BenchSpec:
 
 
 class Candidate(BaseModel):
-    """One model to time: a TorchScript payload (or, if it cannot be saved, only in memory)."""
+    """One model to time: a TorchScript payload (or, if it cannot be saved, only in memory), the
+    files of another format, or (runtime IN_PROCESS) a PT2E program compiled in this process."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -114,9 +134,10 @@ class Candidate(BaseModel):
     engine: str | None
     optimisation: str
     channels_last: bool
-    module: Any                       # the loaded torch.jit.ScriptModule (None: another runtime)
-    runtime: str = "torch"            # quantlab.runtimes: torch..., onnxruntime, openvino...
-    files: dict[str, bytes] = {}      # an ONNX or IR artifact's files (runtime not torch)
+    module: Any                       # the loaded torch.jit.ScriptModule (None: another runtime;
+                                      # the converted PT2E program for IN_PROCESS)
+    runtime: str = "torch"            # quantlab.runtimes: torch..., aoti, onnxruntime, openvino..
+    files: dict[str, bytes] = {}      # an ONNX, IR or AOTInductor artifact's files
     payload: bytes | None = None      # None: does not survive save/load (no file, no size)
     # What the timing process loads when there is no payload: the unoptimised TorchScript,
     # which it passes through torch.jit.optimize_for_inference after loading.
@@ -140,7 +161,9 @@ class Candidate(BaseModel):
 
 def label(row: dict[str, Any]) -> str:
     """A model's name in tables: "ptq-x86 x86", "torch-int8 onednn freeze channels-last",
-    "ptq-x86 in openvino", ..."""
+    "ptq-x86 in openvino", "pt2e-x86 in aoti", "pt2e-x86 torch.compile (in-process)", ..."""
+    if row.get("runtime") == IN_PROCESS:
+        return f"{row['variant']} torch.compile (in-process)"
     if not (row.get("runtime") or "torch").startswith("torch"):
         return f"{row['variant']} in {row['runtime']}"
     parts = [row["variant"], row["engine"] or ""]
@@ -182,9 +205,44 @@ def _roundtrip(scripted: torch.jit.ScriptModule, engine: str | None) -> tuple[An
         return scripted, None
 
 
+def pt2e_problem(spec: BenchSpec, model: torch.nn.Module) -> str | None:
+    """Why this machine cannot build the PT2E rows (None: it can, or spec.pt2e is off). A model
+    torch.export cannot export is the user's error: a ConfigError, before anything is built."""
+    if not spec.pt2e:
+        return None
+    problem = pt2e.lowering_problem()
+    if problem is None:
+        pt2e.preflight(spec.model, model, PTQ_PRESETS[PT2E_PRESET], spec.input_size)
+    return problem
+
+
+def pt2e_int8(model: torch.nn.Module, input_size: int,
+              calib: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
+    """PT2E PTQ of a float model (consumed): export, prepare, calibrate, convert."""
+    backend = get_backend("pt2e", input_size=input_size)
+    observed = backend.prepare_ptq(model, PTQ_PRESETS[PT2E_PRESET])
+    ptq.calibrate(observed, [(x, None) for x in calib])
+    return backend.convert(observed, pt2e.ENGINE)
+
+
+def compiled_program(program: torch.nn.Module, input_size: int, batch_size: int):
+    """A PT2E program through torch.compile (inductor, freezing), compiled for one batch size.
+
+    Compiled here, on an input made under inference mode as the timing loops make theirs: a
+    recompile (another shape, grad mode) outside the freezing patch would give a float program.
+    """
+    compiled = torch.compile(copy.deepcopy(program), dynamic=False)
+    with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+        compiled(torch.randn(batch_size, 3, input_size, input_size))
+    return compiled
+
+
 def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> list[Candidate]:
-    """quantlab's float and PTQ artifacts (the pipeline's path), then the plain-torch grid."""
+    """quantlab's float and PTQ artifacts (the pipeline's path), PT2E, then the plain-torch grid."""
     base = float_model(spec)
+    problem = pt2e_problem(spec, base)
+    if problem:
+        log(f"no {PT2E_VARIANT} rows: {problem}")
     calib = calibration_batches(spec)
     out = []
 
@@ -205,14 +263,15 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
         log(f"built {out[-1].label}" + ("" if payload else " (cannot be reloaded: optimised "
                                         "after loading, in the timing process)"))
 
-    def add_exports(variant, engine, files):
-        """The ONNX and IR files of an artifact, one candidate per runtime that runs them."""
+    def add_exports(variant, engine, files, optimisation=None):
+        """The ONNX, IR or .pt2 files of an artifact, one candidate per runtime that runs them."""
         for entry in formats.artifact_entries(files, variant, "ptq", engine,
                                               int8=variant != "float"):
             names = [os.path.basename(f.path) for f in entry.all_files()]
             for runtime in entry.runtimes:
                 out.append(Candidate(variant=variant, source="quantlab", engine=engine,
-                                     optimisation=entry.optimisation, channels_last=False,
+                                     optimisation=optimisation or entry.optimisation,
+                                     channels_last=False,
                                      module=None, runtime=runtime,
                                      files={n: files[n] for n in names}))
                 log(f"built {out[-1].label}")
@@ -234,6 +293,14 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
             add(v.name, "quantlab", engine, opt, False, payload=payload)
         if spec.runtimes:
             add_exports(v.name, v.engine, formats.export_int8(int8, v.engine, spec.input_size))
+    if spec.pt2e and not problem:
+        program = pt2e_int8(copy.deepcopy(base), spec.input_size, calib)
+        data, _ = pt2e.package_bytes(program, spec.input_size, on_line=log)
+        add_exports(PT2E_VARIANT, pt2e.ENGINE, {"model.pt2": data}, PT2E_OPTIMISATION)
+        out.append(Candidate(variant=PT2E_VARIANT, source="quantlab", engine=pt2e.ENGINE,
+                             optimisation=PT2E_OPTIMISATION, channels_last=False,
+                             module=program, runtime=IN_PROCESS))
+        log(f"built {out[-1].label}: compiled and timed in this process, after the files")
 
     # plain torch: quantlab.reference builds, plain torch.jit.script/freeze/optimize_for_inference.
     layouts = (False, True) if spec.channels_last else (False,)
@@ -268,33 +335,54 @@ def run(spec: BenchSpec, store: str, storage_options: dict | None = None,
         log(note)
     candidates = build_candidates(spec, log)
     keys = {f"{i}:{c.label}": c for i, c in enumerate(candidates)}
-    log(f"timing {len(keys)} models at {', '.join(map(str, spec.threads))} thread(s), batch "
-        f"sizes {list(spec.batch_sizes)}: {spec.warmup} warm-up + {spec.iterations} timed calls "
-        "each, interleaved, in a fresh process")
+    num_compiled = sum(c.runtime == IN_PROCESS for c in candidates)
+    log(f"timing {len(keys) - num_compiled} models at {', '.join(map(str, spec.threads))} "
+        f"thread(s), batch sizes {list(spec.batch_sizes)}: {spec.warmup} warm-up + "
+        f"{spec.iterations} timed calls each, interleaved, in a fresh process"
+        + (f"; then {num_compiled} torch.compile reference(s) in this one" if num_compiled else ""))
     latencies = time_candidates(spec, keys, log)
+    if num_compiled:
+        notes.append(f"{label({'variant': PT2E_VARIANT, 'runtime': IN_PROCESS})}: timed in this "
+                     "process after the files, not interleaved with them: a reference for the "
+                     "AOTI runner's per-call cost, not a deployment figure")
     profiles = _profiles(spec, keys, log) if spec.profile else {}
     run_id = f"bench-{metrics.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     created = metrics.now()
     rows = []
     for lat in latencies:
         c = keys[lat.variant]
+        profile = profiles.get((lat.variant, lat.batch_size))
+        lat = lat.model_copy(update={"variant": c.variant})
+        in_process = {}
+        if c.runtime == IN_PROCESS:  # no file, so no format: table_row looks up the format of
+            lat = lat.model_copy(update={"runtime": "torch"})  # a runtime; columns overwrite
+            in_process = {"runtime": IN_PROCESS, "format": None}
         rows.append(table_row(
-            lat.model_copy(update={"variant": c.variant}), profiles.get((lat.variant, lat.batch_size)),
-            run_id=run_id, model=spec.model, engine=c.engine or "", input_size=spec.input_size,
-            source=c.source, optimisation=c.optimisation, channels_last=c.channels_last,
-            weights=weights, calibration="random",
-            size_bytes=c.size_bytes))
+            lat, profile, run_id=run_id, model=spec.model, engine=c.engine or "",
+            input_size=spec.input_size, source=c.source, optimisation=c.optimisation,
+            channels_last=c.channels_last, weights=weights, calibration="random",
+            size_bytes=c.size_bytes, **in_process))
     metrics.write_rows(st, "benchmarks", rows, run_id, "bench", created)
     return BenchResult(run_id=run_id, rows=rows, weights=weights, notes=notes)
 
 
 def time_candidates(spec: BenchSpec, keys: dict[str, Candidate],
                     log: Callable[[str], None] = print) -> list[Latency]:
-    """Every candidate at every thread count x batch size, in a fresh torch-only process."""
+    """Every candidate at every thread count x batch size: the files in a fresh torch-only
+    process, then the torch.compile reference (IN_PROCESS) in this one."""
+    compiled = {key: c for key, c in keys.items() if c.runtime == IN_PROCESS}
+    rows = _time_files(spec, {k: c for k, c in keys.items() if k not in compiled}, log)
+    return rows + _time_in_process(spec, compiled, rows, log)
+
+
+def _time_files(spec: BenchSpec, keys: dict[str, Candidate],
+                log: Callable[[str], None]) -> list[Latency]:
+    if not keys:
+        return []
     with tempfile.TemporaryDirectory(prefix="quantlab-bench-") as tmp:
         files = {}
         for i, (key, c) in enumerate(keys.items()):
-            if c.files:  # ONNX or IR: its files side by side, the loaded one first
+            if c.files:  # ONNX, IR or .pt2: its files side by side, the loaded one first
                 path = onnx_export.write_files(c.files, os.path.join(tmp, str(i)))
                 files[key] = TimedFile(path=path, runtime=c.runtime)
                 continue
@@ -305,6 +393,27 @@ def time_candidates(spec: BenchSpec, keys: dict[str, Candidate],
                                    optimize_for_inference=c.payload is None)
         return measure_files(files, spec.input_size, spec.batch_sizes, spec.threads, spec.warmup,
                              spec.iterations, max_remeasure=spec.max_remeasure, say=log)
+
+
+def _time_in_process(spec: BenchSpec, keys: dict[str, Candidate], file_rows: list[Latency],
+                     log: Callable[[str], None]) -> list[Latency]:
+    """PT2E programs through torch.compile, timed in this process (timing.measure), at the
+    thread counts the files were timed with (capped to the idle CPUs as they were)."""
+    if not keys:
+        return []
+    threads = sorted({(r.num_threads, r.num_threads_requested or r.num_threads)
+                      for r in file_rows}) or [(n, n) for n in spec.threads]
+    rows = []
+    for bs in spec.batch_sizes:
+        log(f"torch.compile (freezing) of {len(keys)} PT2E program(s) at batch {bs}")
+        modules = {key: compiled_program(c.module, spec.input_size, bs) for key, c in keys.items()}
+        for used, asked in threads:
+            with torch._inductor.config.patch(freezing=True):
+                measured = measure(modules, spec.input_size, (bs,), used, spec.warmup,
+                                   spec.iterations)
+            rows += [r.model_copy(update={"runtime": IN_PROCESS, "num_threads_requested": asked})
+                     for r in measured]
+    return rows
 
 
 def cpu_note() -> str:
@@ -354,11 +463,28 @@ class Figures(BaseModel):
     reference_ms: float | None
     vs_reference: float | None      # latency_ms / reference_ms: 1.05 = 5% slower than plain torch
     size_ratio: float | None        # int8 file size / float file size
+    # The fastest eager-mode int8 TorchScript model of the run (quantlab's PTQ artifacts and
+    # plain torch's): what PT2E (pt2e-x86 in aoti) and the other formats are set against
+    # (None for the eager TorchScript rows themselves: `reference` is theirs).
+    best_eager: str | None = None
+    best_eager_ms: float | None = None
+    vs_best_eager: float | None = None  # latency_ms / best_eager_ms: 1.2 = 20% slower
+
+
+def _is_eager_int8(row: dict[str, Any]) -> bool:
+    """An eager-mode int8 TorchScript row (quantlab's PTQ artifact or plain torch's)."""
+    return (row.get("format", "torchscript") == "torchscript"
+            and row["variant"] not in FLOAT_VARIANTS and row.get("runtime") != IN_PROCESS)
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[Figures]:
-    """Figures per quantlab int8 variant, thread count and batch size, from `benchmarks` rows."""
+    """Figures per quantlab int8 variant, thread count and batch size, from `benchmarks` rows.
+
+    The torch.compile reference (timed in the bench's own process, not beside the files) is
+    left out.
+    """
     out = []
+    rows = [r for r in rows if r.get("runtime") != IN_PROCESS]
     settings = sorted({(r["num_threads"], r["batch_size"]) for r in rows})
     for threads, bs in settings:
         here = [r for r in rows if (r["num_threads"], r["batch_size"]) == (threads, bs)]
@@ -366,14 +492,17 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[Figures]:
         ours = next((r for r in here if r["source"] == "quantlab" and r["variant"] == "float"
                      and r.get("runtime", "torch") == "torch"), None)
         plain = [r for r in here if r["variant"] == PLAIN_INT8]
+        eager = [r for r in here if _is_eager_int8(r)]
         if ours is None:
             continue
         best_float = min(floats, key=lambda r: r["latency_ms"])
         ref = min(plain, key=lambda r: r["latency_ms"]) if plain else None
+        best_eager = min(eager, key=lambda r: r["latency_ms"]) if eager else None
         for r in here:
             if r["source"] != "quantlab" or r["variant"] == "float":
                 continue
             ms = r["latency_ms"]
+            vs_eager = None if _is_eager_int8(r) else best_eager
             out.append(Figures(
                 variant=r["variant"], engine=r["engine"], label=label(r), num_threads=threads,
                 batch_size=bs, latency_ms=ms,
@@ -384,7 +513,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[Figures]:
                 reference_ms=ref["latency_ms"] if ref else None,
                 vs_reference=ms / ref["latency_ms"] if ref else None,
                 size_ratio=(r["size_bytes"] / ours["size_bytes"]
-                            if r["size_bytes"] and ours["size_bytes"] else None)))
+                            if r["size_bytes"] and ours["size_bytes"] else None),
+                best_eager=label(vs_eager) if vs_eager else None,
+                best_eager_ms=vs_eager["latency_ms"] if vs_eager else None,
+                vs_best_eager=ms / vs_eager["latency_ms"] if vs_eager else None))
     return out
 
 
@@ -406,7 +538,9 @@ def formatted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
               and r.get("runtime", "torch") == "torch"}
     out = []
     for r in sorted(rows, key=lambda r: (r["num_threads"], r["batch_size"])):
-        base = floats.get((r["num_threads"], r["batch_size"]))
+        # No speed-up for the in-process reference: it was not timed beside the float file.
+        base = None if r.get("runtime") == IN_PROCESS else floats.get(
+            (r["num_threads"], r["batch_size"]))
         out.append({
             "model": label(r), "threads": str(r["num_threads"]), "batch": str(r["batch_size"]),
             "median ms": f"{r['latency_ms']:.2f}", "p90 ms": f"{r['latency_ms_p90']:.2f}",
@@ -432,5 +566,7 @@ def formatted_figures(figures: Sequence[Figures]) -> list[dict[str, str]]:
         "vs fastest float": f"{f.speedup_vs_best_float:.2f}x ({f.best_float})",
         "vs fastest plain-torch int8": "-" if f.reference is None
         else f"{f.vs_reference:.3f} ({f.reference})",
+        "vs fastest eager int8": "-" if f.best_eager is None
+        else f"{f.vs_best_eager:.3f} ({f.best_eager})",
         "size vs float": _num(f.size_ratio * 100 if f.size_ratio else None, ".1f") + "%",
     } for f in figures]

@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_bench_command_runs_stores_and_prints(tmp_path):
+    """The one bench here that builds the PT2E rows (an AOTInductor compile, ~15 s at 32 px)."""
     store = str(tmp_path / "store")
     out = subprocess.run(
         [sys.executable, "-m", "quantlab_cli.app", "bench", "--input-size", "32", "--num-classes", "3",
@@ -32,16 +33,30 @@ def test_bench_command_runs_stores_and_prints(tmp_path):
     assert "torch-int8 x86 freeze" in out.stdout and "vs fastest plain-torch int8" in out.stdout
 
     rows = metrics.read_rows(Store(store), "benchmarks")
-    # quantlab: float and ptq-x86 as TorchScript, ONNX and IR (float's IR also at f32), nncf-ptq;
+    # quantlab: float and ptq-x86 as TorchScript, ONNX and IR (float's IR also at f32), nncf-ptq,
+    # pt2e-x86 as a .pt2 package and through torch.compile in-process;
     # plain: float and int8 x {freeze, ofi}; x 2 batch sizes
-    assert len(rows) == 12 * 2 and len({r["run_id"] for r in rows}) == 1
+    assert len(rows) == 14 * 2 and len({r["run_id"] for r in rows}) == 1
     assert {(r["variant"], r["runtime"], r["format"]) for r in rows if r["runtime"] != "torch"
             and not r["runtime"].startswith("torch-")} == {
         ("float", "onnxruntime", "onnx"), ("float", "openvino", "openvino"),
         ("float", "openvino-f32", "openvino"), ("nncf-ptq", "openvino", "openvino"),
-        ("ptq-x86", "onnxruntime", "onnx"), ("ptq-x86", "openvino", "openvino")}
+        ("ptq-x86", "onnxruntime", "onnx"), ("ptq-x86", "openvino", "openvino"),
+        ("pt2e-x86", "aoti", "aoti"), ("pt2e-x86", bench.IN_PROCESS, None)}
     assert "ptq-x86 in openvino" in out.stdout and "nncf-ptq in openvino" in out.stdout
-    exported = [r for r in rows if r["format"] != "torchscript"]
+    assert "pt2e-x86 in aoti" in out.stdout and "pt2e-x86 torch.compile (in-process)" in out.stdout
+    # PT2E: the package timed as a file in the aoti runtime, beside the TorchScript files in the
+    # same child (same session per setting); the torch.compile reference in the bench process.
+    packaged = [r for r in rows if r["runtime"] == "aoti"]
+    compiled = [r for r in rows if r["runtime"] == bench.IN_PROCESS]
+    assert sorted(r["batch_size"] for r in packaged) == [1, 2]
+    assert sorted(r["batch_size"] for r in compiled) == [1, 2]
+    assert all((r["source"], r["engine"], r["optimisation"]) == ("quantlab", "x86", "freezing")
+               for r in packaged + compiled)
+    assert all(r["size_bytes"] > 0 and r["latency_ms"] > 0 for r in packaged)
+    assert all(r["size_bytes"] is None and r["load_ms"] is None and r["latency_ms"] > 0
+               for r in compiled)
+    exported = [r for r in rows if r["format"] not in ("torchscript", None)]
     assert all(r["size_bytes"] > 0 and r["load_ms"] is None for r in exported)  # not profiled
     rows = [r for r in rows if r["format"] == "torchscript"]
     by = {(r["variant"], r["optimisation"], r["batch_size"]): r for r in rows}
@@ -63,26 +78,44 @@ def test_bench_command_runs_stores_and_prints(tmp_path):
             assert r["peak_rss_mb"] >= r["peak_rss_delta_mb"] > 0
     assert by[("ptq-x86", "freeze", 1)]["size_bytes"] < by[("float", "freeze", 1)]["size_bytes"] / 2
 
-    figures = [f for f in bench.summarize(metrics.read_rows(Store(store), "benchmarks"))
-               if " in " not in f.label]
+    summary = bench.summarize(metrics.read_rows(Store(store), "benchmarks"))
+    figures = [f for f in summary if " in " not in f.label]
     assert {(f.variant, f.batch_size) for f in figures} == {
         ("ptq-x86", bs) for bs in (1, 2)}
     assert all(f.reference.startswith("torch-int8 x86") and f.vs_reference > 0 for f in figures)
+    # pt2e-x86 against the fastest eager-mode int8 TorchScript model; the in-process reference
+    # is not summarised (it was not timed beside the files).
+    pt2e = [f for f in summary if f.variant == "pt2e-x86"]
+    assert [(f.label, f.batch_size) for f in pt2e] == [("pt2e-x86 in aoti", bs) for bs in (1, 2)]
+    assert all(f.best_eager.startswith(("ptq-x86 x86", "torch-int8 x86")) and f.vs_best_eager > 0
+               for f in pt2e)
+    assert "vs fastest eager int8" in out.stdout
 
 
 def test_summary_ratios():
-    def row(variant, source, ms, size=None, engine="", optimisation="script"):
+    def row(variant, source, ms, size=None, engine="", optimisation="script", runtime="torch",
+            format="torchscript"):
         return {"variant": variant, "source": source, "engine": engine, "optimisation": optimisation,
                 "channels_last": False, "num_threads": 2, "batch_size": 1, "latency_ms": ms,
-                "size_bytes": size}
+                "size_bytes": size, "runtime": runtime, "format": format}
 
     rows = [row("float", "quantlab", 20.0, 1000), row("ptq-x86", "quantlab", 5.0, 260, "x86"),
             row("torch-float", "torch", 16.0, optimisation="optimize_for_inference"),
             row("torch-int8", "torch", 4.0, engine="onednn", optimisation="freeze"),
-            row("torch-int8", "torch", 6.0, engine="x86")]
-    (f,) = bench.summarize(rows)
+            row("torch-int8", "torch", 6.0, engine="x86"),
+            row("pt2e-x86", "quantlab", 4.4, 300, "x86", "freezing", "aoti", "aoti"),
+            row("pt2e-x86", "quantlab", 1.0, None, "x86", "freezing", bench.IN_PROCESS, None)]
+    f, p = bench.summarize(rows)  # the in-process reference is left out
     assert (f.speedup, f.speedup_vs_best_float, f.vs_reference, f.size_ratio) == (4.0, 3.2, 1.25, 0.26)
     assert f.best_float == "torch-float ofi" and f.reference == "torch-int8 onednn freeze"
+    assert f.best_eager is None  # an eager TorchScript row: `reference` is its comparison
+    assert (p.label, p.best_eager) == ("pt2e-x86 in aoti", "torch-int8 onednn freeze")
+    assert p.vs_best_eager == pytest.approx(1.1)
+    timed = {"latency_ms_p90": 1, "latency_ms_min": 1, "images_per_sec": 1, "load_ms": None,
+             "peak_rss_mb": None}
+    shown = {r["model"]: r for r in bench.formatted_rows([{**r, **timed} for r in rows])}
+    assert shown["pt2e-x86 torch.compile (in-process)"]["speed-up vs float"] == "-"
+    assert shown["pt2e-x86 in aoti"]["speed-up vs float"] == "4.55"
 
 
 def test_reference_is_independent_of_quantlab():
@@ -130,7 +163,7 @@ def _tiny_int8(threads=(1, 2)):
         "input_size": 32, "num_classes": 3, "model_kwargs": {"width_mult": 0.25},
         "variants": ["ptq-minmax"], "engines": ["onednn"], "optimisations": ["freeze"],
         "threads": list(threads), "batch_sizes": [1], "warmup": 10, "iterations": 60,
-        "max_remeasure": 0, "runtimes": False})
+        "max_remeasure": 0, "runtimes": False, "pt2e": False})
     (c,) = [c for c in bench.build_candidates(spec, log=lambda line: None)
             if (c.variant, c.engine) == ("ptq-minmax", "onednn")]
     return spec, c
