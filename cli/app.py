@@ -513,6 +513,9 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
           no_runtimes: Annotated[bool, typer.Option(
               "--no-runtimes", help="TorchScript only: no ONNX Runtime / OpenVINO exports, "
               "no nncf-ptq")] = False,
+          no_pt2e: Annotated[bool, typer.Option(
+              "--no-pt2e", help="no PT2E rows (pt2e-x86 as an AOTInductor package, and its "
+              "torch.compile reference)")] = False,
           ) -> None:
     """Time float vs int8 (quantlab's artifacts and plain torch), store and print the table."""
     from quantlab import bench, report
@@ -527,7 +530,7 @@ def bench(model: Annotated[str, typer.Option(help="architecture name")] = "mobil
         "variants": _csv("--variants", variants), "engines": _csv("--engines", engines),
         "optimisations": _csv("--optimisations", optimisations), "channels_last": channels_last,
         "warmup": warmup, "iterations": iterations, "profile": not no_profile,
-        "runtimes": not no_runtimes})
+        "runtimes": not no_runtimes, "pt2e": not no_pt2e})
     result = bench.run(spec, store, log=lambda line: err_console.print(line, highlight=False))
     title = f"{spec.model} {spec.input_size}x{spec.input_size}, {result.weights} weights"
     console.print(report.dict_table(bench.formatted_rows(result.rows), title=title))

@@ -361,7 +361,9 @@ def run(spec: BenchSpec, store: str, storage_options: dict | None = None,
             lat, profile, run_id=run_id, model=spec.model, engine=c.engine or "",
             input_size=spec.input_size, source=c.source, optimisation=c.optimisation,
             channels_last=c.channels_last, weights=weights, calibration="random",
-            size_bytes=c.size_bytes, **in_process))
+            size_bytes=c.size_bytes, **in_process,
+            backend=(None if c.source != "quantlab" or c.variant == NNCF_PEER else
+                     "pt2e" if c.variant == PT2E_VARIANT else "eager")))
     metrics.write_rows(st, "benchmarks", rows, run_id, "bench", created)
     return BenchResult(run_id=run_id, rows=rows, weights=weights, notes=notes)
 

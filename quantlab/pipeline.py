@@ -419,7 +419,7 @@ def train_qat(cfg: RunConfig, staged: StagedData, run: RunInfo,
 def qat_epochs(store: Store, run: RunInfo, variant: str | None = None) -> list[dict]:
     """The run's `qat_epochs` rows (of one QAT variant, or all), in epoch order."""
     rows = metrics.read_rows(store, "qat_epochs", run.run_id)
-    # rows written before QAT variants were recorded have no variant: they are the eager one's
+    # rows written before QAT variants were recorded have no variant: kept (they are eager)
     rows = [r for r in rows if variant is None or r["variant"] in (variant, None)]
     return sorted(rows, key=lambda r: (r["variant"] or "", r["epoch"]))
 
