@@ -49,7 +49,7 @@ from torch.ao.nn.intrinsic.modules.fused import _FusedModule
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
 from quantlab import algorithms, models
-from quantlab.config import BACKENDS, VariantConfig
+from quantlab.config import BACKENDS, RunConfig, VariantConfig
 from quantlab.errors import ConfigError
 
 # torch.backends.quantized.engine is process-global, and it decides how weights are packed at
@@ -71,7 +71,7 @@ class Package:
 
     format: str                             # registry.FORMATS: torchscript | aoti
     data: bytes
-    optimisation: str                       # how it was built (export.OPTIMISATIONS, "aoti-freezing")
+    optimisation: str                       # how it was built: script | freeze | aoti-freezing
     runner: nn.Module                       # runs the artifact as stored (evaluated by a run)
     made_by: dict[str, str] = field(default_factory=dict)  # what a consumer needs to know
 
@@ -294,6 +294,11 @@ def get_backend(name: str = "eager", input_size: int | None = None) -> QuantBack
 
         return Pt2eBackend(input_size)
     raise ConfigError(f"unknown quantization backend {name!r}; valid: {', '.join(BACKENDS)}")
+
+
+def backend_for(cfg: RunConfig, name: str) -> QuantBackend:
+    """The backend called `name` (eager | pt2e), set up for the run's input size."""
+    return get_backend(name, cfg.data.transforms.input_size)
 
 
 @contextmanager

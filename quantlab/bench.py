@@ -50,7 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantlab import export, formats, metrics, models, onnx_export, pt2e, ptq, reference
-from quantlab.backend import check_engine, engine_context, get_backend
+from quantlab.backend import check_engine, engine_context
 from quantlab.timing import (MAX_REMEASURE, Latency, TimedFile, cpu_model_and_flags, measure,
                             measure_files, profile_artifact, table_row)
 from quantlab.config import (DEFAULT_VARIANTS, NNCF_PEER, PTQ_PRESETS, Architecture, Engines,
@@ -61,8 +61,7 @@ from quantlab.store import Store
 FLOAT_VARIANTS = ("float", "torch-float")
 PLAIN_INT8 = "torch-int8"
 CALIBRATION_BATCH = 8  # images per random calibration batch
-PT2E_VARIANT = "pt2e-x86"      # PT2E PTQ with X86InductorQuantizer and the ptq-x86 observers
-PT2E_PRESET = "ptq-x86"
+PT2E_VARIANT = "pt2e-x86"      # the PT2E preset: X86InductorQuantizer, the ptq-x86 observers
 PT2E_OPTIMISATION = "freezing"  # inductor's freezing: int8 weights prepacked for oneDNN
 IN_PROCESS = "inductor-in-process"  # the runtime of the torch.compile reference (no file)
 
@@ -212,17 +211,8 @@ def pt2e_problem(spec: BenchSpec, model: torch.nn.Module) -> str | None:
         return None
     problem = pt2e.lowering_problem()
     if problem is None:
-        pt2e.preflight(spec.model, model, PTQ_PRESETS[PT2E_PRESET], spec.input_size)
+        pt2e.preflight(spec.model, model, PTQ_PRESETS[PT2E_VARIANT], spec.input_size)
     return problem
-
-
-def pt2e_int8(model: torch.nn.Module, input_size: int,
-              calib: Sequence[torch.Tensor]) -> torch.fx.GraphModule:
-    """PT2E PTQ of a float model (consumed): export, prepare, calibrate, convert."""
-    backend = get_backend("pt2e", input_size=input_size)
-    observed = backend.prepare_ptq(model, PTQ_PRESETS[PT2E_PRESET])
-    ptq.calibrate(observed, [(x, None) for x in calib])
-    return backend.convert(observed, pt2e.ENGINE)
 
 
 def compiled_program(program: torch.nn.Module, input_size: int, batch_size: int):
@@ -294,7 +284,8 @@ def build_candidates(spec: BenchSpec, log: Callable[[str], None] = print) -> lis
         if spec.runtimes:
             add_exports(v.name, v.engine, formats.export_int8(int8, v.engine, spec.input_size))
     if spec.pt2e and not problem:
-        program = pt2e_int8(copy.deepcopy(base), spec.input_size, calib)
+        program = ptq.quantize_ptq(copy.deepcopy(base), PTQ_PRESETS[PT2E_VARIANT],
+                                   [(x, None) for x in calib], input_size=spec.input_size)
         data, _ = pt2e.package_bytes(program, spec.input_size, on_line=log)
         add_exports(PT2E_VARIANT, pt2e.ENGINE, {"model.pt2": data}, PT2E_OPTIMISATION)
         out.append(Candidate(variant=PT2E_VARIANT, source="quantlab", engine=pt2e.ENGINE,

@@ -54,7 +54,7 @@ from quantlab import (__version__, algorithms, data, export, formats, installed_
                       models, onnx_export, qat, registry, report, runtimes)
 from quantlab import gate as gate_policy
 from quantlab import sensitivity as sens
-from quantlab.backend import QuantBackend, check_engine, get_backend
+from quantlab.backend import backend_for, check_engine, get_backend
 from quantlab.formats import Equivalence
 from quantlab.timing import Latency, TimedFile, measure_files, table_row
 from quantlab.config import RunConfig, VariantConfig
@@ -214,11 +214,6 @@ def load_float(cfg: RunConfig, num_classes: int) -> torch.nn.Module:
 
 def val_loader(cfg: RunConfig, staged: StagedData):
     return data.loader(staged, cfg.data, "val", train=False)
-
-
-def backend_of(cfg: RunConfig, name: str) -> QuantBackend:
-    """The backend called `name` (eager | pt2e), set up for the run's input size."""
-    return get_backend(name, cfg.data.transforms.input_size)
 
 
 def _evaluate(cfg: RunConfig, staged: StagedData,
@@ -434,9 +429,9 @@ def export_qat(cfg: RunConfig, staged: StagedData, run: RunInfo,
                             f"up to epoch {qat.latest_checkpoint(store, run.run_id, backend)} of "
                             f"{epochs}; train first")
     model = qat.build_qat_model(cfg, len(staged.classes), backend)
-    qat.restore(model, qat.load_checkpoint(store, run.run_id, epochs, backend),
-                backend=backend_of(cfg, backend))
-    int8 = backend_of(cfg, backend).convert(model, cfg.qat.engine)
+    quant = backend_for(cfg, backend)
+    qat.restore(model, qat.load_checkpoint(store, run.run_id, epochs, backend), backend=quant)
+    int8 = quant.convert(model, cfg.qat.engine)
     return _store_variant(cfg, store, run, staged, cfg.qat.variant_name(backend), "qat", backend,
                           cfg.qat.engine, int8, "qat")
 
@@ -451,7 +446,7 @@ def _store_variant(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDat
     used when the package runs the model itself); export a TorchScript model to the run's
     other formats and store them; evaluate it in every runtime against float (and each export
     against the artifact); one `evaluations` row per runtime."""
-    package = backend_of(cfg, backend).package(
+    package = backend_for(cfg, backend).package(
         model, engine, on_line=lambda line: log.info("%s: %s", variant, line))
     if evaluated is None or package.runner is not model:
         evaluated = _evaluate(cfg, staged, package.runner)

@@ -1,7 +1,7 @@
 """Post-training quantization, the tutorial's way: prepare, calibrate, convert.
 
     loader = calibration_loader(cfg, staged, variant.num_calibration_batches)
-    int8 = quantize_ptq(float_model, variant, loader, input_size=224)   # the float model is consumed
+    int8 = quantize_ptq(float_model, variant, loader, input_size=224)  # consumes float_model
 
 The variant's backend (quantlab.backend: eager or pt2e) decides how a model is prepared and
 converted; this module owns the order of the phases and which images calibrate.
@@ -47,15 +47,14 @@ def quantize_ptq(model: torch.nn.Module, variant: VariantConfig, loader: Iterabl
     float (eager mode only). `input_size`: the model's input side, which backend pt2e exports at.
     """
     backend = get_backend(variant.backend, input_size)
-    if not supports_mixed_precision(backend):  # PT2E: no float layers, no post-convert algorithms
-        if float_layers:
-            raise ConfigError(f"variant {variant.name}: float layers need backend eager; "
-                              f"backend {backend.name} quantizes every layer")
-        observed = backend.prepare_ptq(model, variant)
-        calibrate(observed, loader)
-        return backend.convert(observed, variant.engine)
-    observed = backend.prepare_ptq(model, variant, float_layers)  # fuses (and equalizes) `model`
+    mixed = supports_mixed_precision(backend)  # PT2E: no float layers, no post-convert algorithms
+    if float_layers and not mixed:
+        raise ConfigError(f"variant {variant.name}: float layers need backend eager; "
+                          f"backend {backend.name} quantizes every layer")
+    # eager mode fuses (and equalizes) `model` in place
+    observed = backend.prepare_ptq(model, variant, float_layers) if mixed else \
+        backend.prepare_ptq(model, variant)
     calibrate(observed, loader)
     int8 = backend.convert(observed, variant.engine)
     # Bias correction compares each int8 layer with its float twin on the same batches.
-    return backend.apply_after_convert(model, int8, variant, loader)
+    return backend.apply_after_convert(model, int8, variant, loader) if mixed else int8

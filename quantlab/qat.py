@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from quantlab import data, evaluate, metrics, models, registry, report
 from quantlab._deprecations import silence_deprecations
-from quantlab.backend import QuantBackend, get_backend
+from quantlab.backend import QuantBackend, backend_for, get_backend
 from quantlab.config import Backend, RunConfig
 from quantlab.data import StagedData
 from quantlab.distributed import init_process_group
@@ -84,16 +84,12 @@ class EpochRow(BaseModel):
 
 
 # -- model and checkpoints ---------------------------------------------------------------
-def qat_backend(cfg: RunConfig, backend: str = "eager") -> QuantBackend:
-    return get_backend(backend, cfg.data.transforms.input_size)
-
-
 def build_qat_model(cfg: RunConfig, num_classes: int, backend: str = "eager") -> nn.Module:
     """Float checkpoint -> prepared for QAT by `backend` (eager: fused, fake quantization
     inserted; pt2e: exported, prepare_qat_pt2e), in train mode."""
     float_model = models.load_float_model(cfg.model.name, num_classes, cfg.model.checkpoint,
                                           cfg.storage_options, **cfg.model.kwargs)
-    return qat_backend(cfg, backend).prepare_qat(float_model.train(), cfg.qat.engine)
+    return backend_for(cfg, backend).prepare_qat(float_model.train(), cfg.qat.engine)
 
 
 def make_optimizer(cfg: RunConfig, model: nn.Module):
@@ -241,7 +237,7 @@ def train(job: QatJob) -> nn.Module:
     store = Store(cfg.store, cfg.storage_options)
     torch.manual_seed(cfg.seed + rank)  # augmentation randomness differs per rank
 
-    backend = qat_backend(cfg, job.backend)
+    backend = backend_for(cfg, job.backend)
     model = build_qat_model(cfg, job.num_classes, job.backend)
     optimizer, scheduler = make_optimizer(cfg, model)
     start = resume_epoch(store, job.run_id, job.backend) + 1
@@ -303,7 +299,8 @@ def train(job: QatJob) -> nn.Module:
             save_checkpoint(store, job.run_id, epoch, model, optimizer, scheduler,
                             observers_frozen, bn_frozen, rng_states, job.backend)
             log.info("%s epoch %d/%d: loss %.4f, train top-1 %.2f, int8 val top-1 %.2f top-5 %s, "
-                     "%.0f img/s%s%s", job.variant, epoch, q.epochs, row.train_loss, row.train_top1,
+                     "%.0f img/s%s%s", job.variant, epoch, q.epochs, row.train_loss,
+                     row.train_top1,
                      row.eval_top1, report.percent(row.eval_top5), row.images_per_sec,
                      ", BN frozen" if bn_frozen else "", ", observers frozen" if observers_frozen else "")
             emit("epoch", **row.model_dump())

@@ -226,8 +226,9 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
     if "manifest" in links:
         lines += [f"In `{links['manifest'].rsplit('/', 1)[0]}/`:", ""]
     lines += ["| variant | format | sha256 | bytes | location |", "|---|---|---|---|---|"]
-    for own, a in [(True, a) for a in manifest.artifacts] + [(False, a) for a in manifest.exports]:
+    for a in manifest.artifacts + manifest.exports:
         # a variant's own artifact (TorchScript or AOTI) is linked by its name, exports by format
+        own = a in manifest.artifacts
         link = links.get(a.variant if own else f"{a.variant} ({a.format})", a.path)
         lines.append(f"| {a.variant} | {a.format} | `{a.sha256[:16]}…` | {a.size_bytes:,} | "
                      f"[{a.path}]({link}) |")
