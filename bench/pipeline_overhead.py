@@ -37,8 +37,8 @@ import time
 _HOME = tempfile.mkdtemp(prefix="quantlab-overhead-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("PREFECT_HOME", os.path.join(_HOME, "prefect"))  # before prefect loads
-# A busy machine can take longer than the default 20 s to start the ephemeral API.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from quantlab_flows import set_prefect_defaults  # noqa: E402 (imports no Prefect)
+set_prefect_defaults()  # the ephemeral API's start-up timeout, quantlab's as the CLI's
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

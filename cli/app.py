@@ -140,6 +140,8 @@ def _print_outcome(outcome) -> None:
         console.print(f"regression gate: {m.gate.reason}")
     console.print(f"selected [bold]{m.selected.variant}[/bold] in {m.selected.runtime}: "
                   f"{m.selected.reason}")
+    for line in report.verdict_lines(m.selected):
+        console.print(line, highlight=False)
     console.print(f"artifacts in {outcome.store}/runs/{m.run_id}/  "
                   f"(pull: quantlab pull {m.run_id} --store {outcome.store})")
 
@@ -324,6 +326,8 @@ def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
                                     title=f"run {m.run_id}: {m.model} ({m.status})"))
     console.print(f"selected [bold]{m.selected.variant}[/bold] in {m.selected.runtime}: "
                   f"{m.selected.reason}")
+    for line in report.verdict_lines(m.selected):
+        console.print(line, highlight=False)
     for r in m.results:
         if r.float_layers:
             console.print(f"{r.variant} keeps in float: {', '.join(r.float_layers)}")
@@ -351,14 +355,18 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
              "--format", help="torchscript, aoti, onnx or openvino (an IR: .xml and .bin); "
              "default: the format best was selected in, for a named variant the one its backend "
              "ships (torchscript; aoti for PT2E variants)")] = None,
+         force: Annotated[bool, typer.Option(
+             "--force", help="pull an ONNX/OpenVINO export even though it failed the run's "
+             "check against its TorchScript artifact")] = False,
          store: StoreOpt = "./quantlab-store", storage_option: StorageOpts = None) -> None:
     """Download a model, verifying its sha256 against the run's manifest.
 
     `best` is the run's selected variant; the promoted model of a model name is the alias
-    `best-<model>` (moved only by runs that pass the regression gate).
+    `best-<model>` (moved only by runs that pass the regression gate). An export that
+    diverged from its TorchScript artifact is refused (exit 2) unless --force.
     """
     from quantlab import runtimes
-    from quantlab.registry import FORMATS, load_manifest, resolve
+    from quantlab.registry import FORMATS, failed_check, load_manifest, resolve
     from quantlab.registry import pull as pull_artifact
     from quantlab.store import Store
 
@@ -368,7 +376,8 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
     _apply_storage_options(storage_option)
     st = Store(store)
     manifest = load_manifest(st, resolve(st, ref))
-    path = pull_artifact(st, manifest.run_id, variant=variant, dest=dest, format=format)
+    path = pull_artifact(st, manifest.run_id, variant=variant, dest=dest, format=format,
+                         force=force)
     if variant == "best" and manifest.status == "rejected":
         err_console.print(f"[yellow]warning:[/yellow] run {manifest.run_id} was rejected by the "
                           f"regression gate; the promoted model is best-{manifest.model}",
@@ -379,6 +388,9 @@ def pull(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
                           f"({manifest.selected.reason})", highlight=False, soft_wrap=True)
     entry = manifest.artifact(variant, format or (manifest.selected.format if variant == "best"
                                                   else None))
+    if problem := failed_check(manifest, entry):  # only with --force: pull refuses it otherwise
+        err_console.print(f"[yellow]warning:[/yellow] {problem}; pulled anyway (--force)",
+                          highlight=False, soft_wrap=True)
     selected = variant in ("best", manifest.selected.variant) and \
         entry.format == manifest.selected.format
     runtime = manifest.selected.runtime if selected else (entry.runtimes or ["torch"])[0]
@@ -395,15 +407,19 @@ def announce(checkpoint_uri: Annotated[str, typer.Argument(help="float checkpoin
              store: Annotated[Optional[str], typer.Option(
                  "--store", "-s", envvar="QUANTLAB_STORE",
                  help="the quantize deployment's store: its seen-set skips content already "
-                 "quantized or rejected (without it, the run itself checks)")] = None,
+                 "quantized, rejected or pending, and retries a failed one (without it, the "
+                 "run itself checks)")] = None,
              storage_option: StorageOpts = None,
              force: Annotated[bool, typer.Option(
-                 "--force", help="re-quantize content that was quantized or rejected")] = False,
+                 "--force", help="re-quantize content that was quantized or rejected, or "
+                 "announce pending content again")] = False,
              ) -> None:
     """Emit `quantlab.checkpoint.landed` for a new float checkpoint (PREFECT_API_URL's API).
 
     The event's payload: the checkpoint URI, its sha256, the model name, `source: announce`
     and `force`; its resource: quantlab.checkpoint.<sha256>, labelled quantlab.model=NAME.
+    Content whose run failed is announced again without --force. Pending content, forced: a
+    run that finds another run still quantizing it ends at once.
     """
     import re
 
@@ -432,15 +448,20 @@ def announce(checkpoint_uri: Annotated[str, typer.Argument(help="float checkpoin
                           "to an ephemeral Prefect API that ends with this command, so no "
                           "deployment sees it; set PREFECT_API_URL to your server's API "
                           "(e.g. http://127.0.0.1:4200/api)", highlight=False, soft_wrap=True)
-    why = checkpoints.already_handled(record) or (
-        None if new else "already announced, its run has not recorded an outcome yet")
+    failed = checkpoints.failed_earlier(record)
+    why = None if new or failed else (checkpoints.already_handled(record)
+                                      or "already announced, no run has claimed it yet")
     if why and not force:
         sent = emit(checkpoints.DUPLICATE, sha256, model, checkpoint_uri, flush=True,
                     run_id=record.run_id, outcome=record.outcome, message=why)
+        hint = "announces it again" if record.outcome == "pending" else "re-quantizes it"
         console.print(f"{checkpoint_uri} (sha256 {sha256[:12]}): {why}; not announced "
-                      f"(--force re-quantizes it)", highlight=False, soft_wrap=True)
+                      f"(--force {hint})", highlight=False, soft_wrap=True)
     else:
-        if why and record.outcome != "pending":
+        if failed:
+            console.print(f"{checkpoint_uri} (sha256 {sha256[:12]}): {failed}; retrying",
+                          highlight=False, soft_wrap=True)
+        if record is not None and record.outcome != "pending":
             seen.reset(sha256)
         sent = emit(checkpoints.LANDED, sha256, model, checkpoint_uri, flush=True,
                     source="announce", force=force)
@@ -547,10 +568,11 @@ ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 
 def main() -> None:
     """Entry point: run the app; user errors and usage errors become one line and exit 2."""
-    # The ephemeral Prefect server that `demo` and `run` start would otherwise phone home from
-    # a machine that may have no internet (and log the failure every ten minutes). A user's
-    # own setting wins.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from quantlab_flows import set_prefect_defaults  # imports no Prefect
+
+    # Before any command imports Prefect: its ephemeral server (what `demo` and `run` start
+    # without PREFECT_API_URL) with no analytics and time to start on a busy machine.
+    set_prefect_defaults()
     silence_deprecations()
     # quantlab's own warnings (storage retries) reach the terminal through Prefect's console
     # handler during a flow; before one, the error message that follows says it all.

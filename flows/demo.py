@@ -36,4 +36,7 @@ def demo(store: str = "./quantlab-store", qat_epochs: int = 3, nproc_per_node: i
 
 
 if __name__ == "__main__":
+    from quantlab_flows import set_prefect_defaults
+
+    set_prefect_defaults()
     demo(*sys.argv[1:2])

@@ -14,8 +14,9 @@ and the flow run fails with the gate's reason.
 Staging and the float evaluation are reused from an earlier run with the same content. The PTQ
 variants fan out on the flow's threads, or over a Dask cluster when `config.dask_address` is set.
 A run that a `quantlab.checkpoint.landed` event started (the deployment's trigger) takes the
-event's checkpoint and consults the store's seen-set first (quantlab.checkpoints); its
-manifest records what triggered it.
+event's checkpoint and claims it in the store's seen-set first (quantlab.checkpoints), then
+records what became of it there: quantized, rejected (a bad checkpoint) or failed (anything
+else, tried again on its next announcement); its manifest records what triggered it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import sys
 
 from prefect import flow
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -61,23 +63,41 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
     Prefect starts); a scheduled or triggered run leaves it False.
     `checkpoint`: a float checkpoint URI that replaces the config's (a deployment trigger
     templates it from a `quantlab.checkpoint.landed` event); `trigger`: that event. A
-    triggered run first consults the store's seen-set: content already quantized (or
-    rejected) ends the run at once with a log line and an event, unless `trigger.force`.
+    triggered run first claims the content in the store's seen-set: content already quantized
+    (or rejected) ends the run at once with a log line and an event, unless `trigger.force`,
+    and so does content that another run is quantizing (pending in run R), forced or not.
     """
     setup_logging()
     config = with_flow_run_id(with_checkpoint(config, checkpoint))
-    sha256 = None
-    if trigger is not None:
-        sha256 = events.claim(config, trigger)
-        if sha256 is None:
-            return None
+    if trigger is None:
+        return _stages(config, validated)
+    sha256 = events.claim(config, trigger)
+    if sha256 is None:
+        return None
+    try:
+        return _stages(config, validated, trigger, sha256)
+    except Exception as e:  # Prefect's cancellation and termination signals are not: the
+        # claim of a run they end goes stale, and the next trigger or watcher pass takes it over
+        try:
+            events.record_outcome(config, sha256, "failed", run_id=config.run_id,
+                                  reason=events.failure_reason(e))
+        except Exception as unrecorded:  # the run's own error is the one to see; the next
+            # trigger of the content takes this finished run's claim over
+            get_run_logger().warning("outcome of checkpoint %s not recorded: %s",
+                                     config.model.checkpoint, events.failure_reason(unrecorded))
+        raise
+
+
+def _stages(config: RunConfig, validated: bool, trigger: CheckpointTrigger | None = None,
+            sha256: str | None = None) -> Outcome:
+    """The pipeline, validate to report; a triggered run records its checkpoint's outcome."""
     progress = Progress(run_label=config.model.name)
     if not validated:
         try:
             steps.preflight(config)
         except CheckpointError as e:  # bad file, wrong classes: remembered, not retried
             if sha256 is not None:
-                events.record_outcome(config, sha256, reason=str(e))
+                events.record_outcome(config, sha256, "rejected", reason=str(e))
             raise
     progress.done("validate")
     staged = steps.stage_data(config)  # decodes every image: bad data fails before any write
@@ -122,7 +142,7 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
                              ranking, gate, events.trigger_info(trigger, sha256))
     progress.done("report")
     if sha256 is not None:
-        events.record_outcome(config, sha256, run_id=run.run_id)
+        events.record_outcome(config, sha256, "quantized", run_id=run.run_id)
     if gate is not None and not gate.passed:
         raise RegressionError(f"run {run.run_id} rejected, best-{config.model.name} not moved: "
                               f"{gate.reason}")
@@ -131,5 +151,7 @@ def quantize(config: RunConfig, validated: bool = False, checkpoint: str | None 
 
 if __name__ == "__main__":
     from quantlab.config import load_config
+    from quantlab_flows import set_prefect_defaults
 
+    set_prefect_defaults()
     quantize(load_config(sys.argv[1]))

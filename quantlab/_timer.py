@@ -18,6 +18,7 @@ report int8 at 2 threads slower than at 1.
 
 Models are timed in interleaved rounds of `block` calls each (A B C A B C ..., who goes first
 rotates), so that drift in the machine hits all of them alike; the samples come back per round.
+There are always at least MIN_ROUNDS rounds (fewer calls per round for a short timing).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections.abc import Callable, Mapping
 import torch
 
 BLOCK = 5   # consecutive timed calls of one model before the next model's turn
+MIN_ROUNDS = 3  # interleaved rounds at least: noise is the spread of per-round medians, and
+                # one or two rounds have no spread to speak of (a 5-call timing read noise 0)
 REWARM = 1  # untimed calls that start each turn (caches warm again, as in a serving process)
 
 
@@ -44,8 +47,9 @@ def time_rounds(modules: Mapping[str, Callable], inputs: Mapping[str, torch.Tens
     the thread count wanted and torch.inference_mode().
     """
     engines = engines or {}
-    per_round = min(block, iterations)
-    num_rounds = max(1, round(iterations / per_round))
+    # fewer calls per round rather than fewer than MIN_ROUNDS rounds (5 calls: 5 rounds of 1)
+    per_round = max(1, min(block, iterations // MIN_ROUNDS))
+    num_rounds = max(MIN_ROUNDS, round(iterations / per_round))
     names = list(modules)
 
     def use_engine(name: str) -> None:

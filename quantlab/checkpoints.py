@@ -14,9 +14,15 @@ another key is the same checkpoint, quantized once:
         ...  # emit one event per new content (flows/watch.py)
     seen.mark_quantized(sha256, run_id="20261201-013000-ab12cd")
 
-Outcomes: pending (announced, not finished), quantized (as run R: promoted or not, the gate
-decides), rejected (the checkpoint failed validation, with the one-line reason). A rejected
-or quantized checkpoint is not announced again unless forced; nothing here imports prefect.
+Outcomes:
+- pending: announced; once a run has claimed it (`claim`), that run is quantizing it, and a
+  second trigger of the same content ends at once ("already pending in run R");
+- quantized (as run R: promoted or not, the gate decides): not announced again unless forced;
+- rejected (the checkpoint failed validation, with the one-line reason): likewise;
+- failed (its run failed for another reason, with the one-line reason): tried again, by the
+  watcher's next pass (while it has failed fewer than MAX_FAILURES times in a row) and by
+  `quantlab announce` without --force.
+Nothing here imports prefect.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -42,8 +49,13 @@ LANDED = "quantlab.checkpoint.landed"                    # a new checkpoint: qua
 DUPLICATE = "quantlab.checkpoint.already-quantized"     # same content again: nothing to do
 REJECTED = "quantlab.checkpoint.rejected"                # it failed validation
 QUANTIZED = "quantlab.checkpoint.quantized"              # the run finished
+FAILED = "quantlab.checkpoint.failed"                    # the run failed: tried again
 SOURCES = ("announce", "watcher")                        # who emitted a `landed` event
-Outcome = Literal["pending", "quantized", "rejected"]
+Outcome = Literal["pending", "quantized", "rejected", "failed"]
+# Runs of one content that may fail in a row before the watcher stops announcing it again on
+# every pass (a failure that repeats would otherwise cost a run every pass, for ever);
+# `quantlab announce` retries it regardless.
+MAX_FAILURES = 3
 
 
 class CheckpointRecord(BaseModel):
@@ -55,8 +67,10 @@ class CheckpointRecord(BaseModel):
     model: str = Field(pattern=NAME_PATTERN)
     uris: list[str]                          # every URI it was seen under, first first
     outcome: Outcome = "pending"
-    run_id: str | None = None                # quantized as this run
-    reason: str | None = None                # why it was rejected (one line)
+    run_id: str | None = None                # quantized as, failed in, or (pending) claimed by
+    flow_run_id: str | None = None           # pending: the Prefect flow run that claimed it
+    reason: str | None = None                # why it was rejected, or its run failed (one line)
+    failures: int = 0                        # runs of it that failed in a row
     event_id: str | None = None              # the event that announced it
     first_seen: datetime
     updated_at: datetime
@@ -71,11 +85,13 @@ class UriEntry(BaseModel):
 
 
 class NewCheckpoint(BaseModel):
-    """A checkpoint content the store had not seen, found under a watched prefix."""
+    """A checkpoint to announce, found under a watched prefix: content the store had not seen,
+    or whose last run failed (`failed_earlier` says how)."""
 
     uri: str
     sha256: str
     model: str
+    failed_earlier: str | None = None
 
 
 def _now() -> datetime:
@@ -110,12 +126,23 @@ def etag_of(uri: str, options: dict[str, Any] | None = None) -> str:
 
 
 def already_handled(record: CheckpointRecord | None) -> str | None:
-    """Why a checkpoint needs no new run ("already quantized as run R", "rejected: ..."), or None."""
-    if record is None or record.outcome == "pending":
+    """Why a checkpoint needs no new run ("already quantized as run R", "rejected earlier: ...",
+    "already pending in run R": a run claimed it and has recorded no outcome yet), or None
+    (unseen, announced but not claimed, or failed: quantize it)."""
+    if record is None or record.outcome == "failed":
         return None
+    if record.outcome == "pending":
+        return f"already pending in run {record.run_id}" if record.flow_run_id else None
     if record.outcome == "quantized":
         return f"already quantized as run {record.run_id}"
     return f"rejected earlier: {record.reason}"
+
+
+def failed_earlier(record: CheckpointRecord | None) -> str | None:
+    """"failed earlier: <reason>" for a checkpoint whose last run failed (to be retried), or None."""
+    if record is None or record.outcome != "failed":
+        return None
+    return f"failed earlier: {record.reason}"
 
 
 def event_spec(event: str, sha256: str, model: str, uri: str, **payload: Any) -> dict[str, Any]:
@@ -199,28 +226,68 @@ class CheckpointRegistry:
         return record, False
 
     def reset(self, sha256: str, event_id: str | None = None) -> CheckpointRecord:
-        """Back to pending (a forced re-quantization); the URIs are kept."""
+        """Back to pending, claimed by no run (a forced re-quantization, or a failed one tried
+        again); the URIs and the count of failures are kept."""
         record = self._require(sha256)
-        record = record.model_copy(update={"outcome": "pending", "run_id": None, "reason": None,
-                                           "event_id": event_id or record.event_id,
-                                           "updated_at": _now()})
-        self._write(record)
-        return record
+        return self._update(record, outcome="pending", run_id=None, flow_run_id=None, reason=None,
+                            event_id=event_id or record.event_id)
+
+    def claim(self, sha256: str, run_id: str, flow_run_id: str,
+              event_id: str | None = None) -> CheckpointRecord:
+        """Pending, claimed by run `run_id` (Prefect flow run `flow_run_id`), which quantizes it
+        now; a second trigger of the content meanwhile ends at once."""
+        record = self._require(sha256)
+        return self._update(record, outcome="pending", run_id=run_id, flow_run_id=flow_run_id,
+                            reason=None, event_id=event_id or record.event_id)
 
     def mark_quantized(self, sha256: str, run_id: str) -> CheckpointRecord:
         """The content was quantized as run `run_id` (whether the gate promoted it or not)."""
-        return self._set(sha256, outcome="quantized", run_id=run_id, reason=None)
+        return self._set(sha256, outcome="quantized", run_id=run_id, flow_run_id=None,
+                         reason=None, failures=0)
 
     def mark_rejected(self, sha256: str, reason: str) -> CheckpointRecord:
         """The content failed validation: remembered, so it is not tried again unless forced."""
-        return self._set(sha256, outcome="rejected", run_id=None, reason=reason.splitlines()[0])
+        return self._set(sha256, outcome="rejected", run_id=None, flow_run_id=None,
+                         reason=_one_line(reason))
+
+    def mark_failed(self, sha256: str, run_id: str | None, reason: str) -> CheckpointRecord:
+        """Run `run_id` failed on the content for another reason than the checkpoint itself:
+        it is tried again (`discover`, `quantlab announce`)."""
+        record = self._require(sha256)
+        return self._update(record, outcome="failed", run_id=run_id, flow_run_id=None,
+                            reason=_one_line(reason), failures=record.failures + 1)
+
+    def release_if_ended(self, record: CheckpointRecord,
+                         ended: Callable[[str], str | None]) -> CheckpointRecord:
+        """The record as it stands: if it was pending in a flow run that has ended (killed or
+        cancelled before it recorded an outcome) and the store still says so, that run is
+        recorded as failed, so the content is tried again.
+
+        `ended(flow_run_id)`: how a flow run ended ("Crashed"), None while it may still run.
+        """
+        if record.outcome != "pending" or not record.flow_run_id:
+            return record
+        if (how := ended(record.flow_run_id)) is None:
+            return record
+        current = self._require(record.sha256)
+        if current.outcome != "pending" or current.flow_run_id != record.flow_run_id:
+            return current  # it recorded an outcome meanwhile
+        return self.mark_failed(record.sha256, record.run_id,
+                                f"run {record.run_id} ended ({how}) without recording an outcome")
 
     def discover(self, prefixes: list[str], model: str, suffixes: tuple[str, ...] = SUFFIXES,
-                 options: dict[str, Any] | None = None) -> list[NewCheckpoint]:
-        """Checkpoints under `prefixes` whose content the store has not seen, now remembered.
+                 options: dict[str, Any] | None = None,
+                 ended: Callable[[str], str | None] | None = None) -> list[NewCheckpoint]:
+        """Checkpoints under `prefixes` to announce, now remembered: content the store has not
+        seen, and content whose last run failed (fewer than MAX_FAILURES times in a row), which
+        goes back to pending so that the next pass does not announce it again meanwhile.
+
+        `ended`: see `release_if_ended` (the watcher asks Prefect): a content pending in a run
+        that ended without recording an outcome counts as failed, and is announced again.
 
         One recursive (paginated) listing per prefix; an object whose ETag is unchanged since
-        it was last hashed is not read again. The same new content under two keys is one
+        it was last hashed is not read again, and one that changed is hashed again (new bytes
+        under the same key are a new content). The same content under two keys is one
         checkpoint (the first key, in listing order).
         """
         found: list[NewCheckpoint] = []
@@ -232,8 +299,17 @@ class CheckpointRegistry:
                 uri = f"{root}/{f.relpath}"
                 sha256 = self.identify(uri, f.etag, options)
                 record, new = self.remember(sha256, uri, model)
-                if new:
-                    found.append(NewCheckpoint(uri=uri, sha256=sha256, model=model))
+                if ended:
+                    record = self.release_if_ended(record, ended)
+                failed = failed_earlier(record)
+                if failed and record.failures >= MAX_FAILURES:
+                    log.debug("%s: %s, %d times in a row: not announced again (quantlab "
+                              "announce retries it)", uri, failed, record.failures)
+                elif new or failed:
+                    if failed:
+                        self.reset(sha256)
+                    found.append(NewCheckpoint(uri=uri, sha256=sha256, model=model,
+                                               failed_earlier=failed))
                 elif why := already_handled(record):
                     log.debug("%s: %s", uri, why)
         return found
@@ -245,9 +321,17 @@ class CheckpointRegistry:
         return record
 
     def _set(self, sha256: str, **update: Any) -> CheckpointRecord:
-        record = self._require(sha256).model_copy(update={**update, "updated_at": _now()})
+        return self._update(self._require(sha256), **update)
+
+    def _update(self, record: CheckpointRecord, **update: Any) -> CheckpointRecord:
+        record = record.model_copy(update={**update, "updated_at": _now()})
         self._write(record)
         return record
 
     def _write(self, record: CheckpointRecord) -> None:
         self.store.write_json(self._record_path(record.sha256), record.model_dump(mode="json"))
+
+
+def _one_line(reason: str) -> str:
+    lines = reason.strip().splitlines()
+    return lines[0] if lines else reason

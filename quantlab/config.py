@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from quantlab.errors import ConfigError
 from quantlab.models import ARCHITECTURES
@@ -279,7 +279,12 @@ class QATConfig(_Model):
 
     Epochs count from 1. After epoch `freeze_bn_after` BatchNorm running statistics stop
     updating; after epoch `freeze_observers_after` the observers stop (scales are fixed). The
-    tutorial's recipe is 8 epochs with BN frozen after epoch 4 and observers after epoch 5.
+    tutorial's recipe is 8 epochs with BN frozen after epoch 4 and observers after epoch 5;
+    a freeze point left unset keeps that share of the run's `epochs` (half and 5/8, rounded
+    up), with at least one epoch before it and, where the run has two or more, one after it:
+    2 epochs freeze both after epoch 1, 3 after epoch 2, 8 after 4 and 5. With 1 epoch both
+    are 1: the only epoch trains unfrozen, and the freeze applies only to the converted model
+    and the checkpoint that follow it. A freeze point set beyond `epochs` is refused.
     """
 
     enabled: bool = True
@@ -291,8 +296,12 @@ class QATConfig(_Model):
                                           "config), trained one after the other, same schedule")
     pt2e_name: VariantName = "qat-pt2e-x86"
     epochs: int = Field(8, ge=1)
-    freeze_bn_after: int = Field(4, ge=1, description="epoch (1-based) after which BN stats freeze")
-    freeze_observers_after: int = Field(5, ge=1, description="epoch after which observers freeze")
+    freeze_bn_after: int | None = Field(
+        None, ge=1, validate_default=True, description="epoch (1-based) after which BN stats "
+        "freeze; None: half of `epochs`, rounded up (the tutorial's 4 of 8)")
+    freeze_observers_after: int | None = Field(
+        None, ge=1, validate_default=True, description="epoch after which observers freeze; "
+        "None: 5/8 of `epochs`, rounded up (the tutorial's 5 of 8)")
     lr: float = Field(1e-4, gt=0, description="SGD learning rate per worker batch (tutorial: 1e-4)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-5, ge=0)
@@ -333,6 +342,16 @@ class QATConfig(_Model):
     def _rdzv_id(cls, v: str | None) -> str | None:
         return _check_id("rdzv_id", v)
 
+    @field_validator("freeze_bn_after", "freeze_observers_after")
+    @classmethod
+    def _scaled_freeze_point(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """An unset freeze point: the tutorial's (after epoch 4 and 5 of 8) scaled to `epochs`."""
+        epochs = info.data.get("epochs")  # absent if epochs itself is invalid (reported)
+        if v is not None or epochs is None:
+            return v
+        eighths = 4 if info.field_name == "freeze_bn_after" else 5
+        return min(max(1, -(-epochs * eighths // 8)), max(1, epochs - 1))
+
     @model_validator(mode="before")
     @classmethod
     def _world_size_alias(cls, data: Any) -> Any:
@@ -369,12 +388,22 @@ class QATConfig(_Model):
 
 class TimingConfig(_Model):
     """How the pipeline times its artifacts (quantlab.timing): fixed threads, warm-up, median
-    of many interleaved runs in a fresh process."""
+    of many interleaved runs in a fresh process. The selection judges every (variant, runtime)
+    pair, float included, at `serving_batch_size`; the other batch sizes are reported."""
 
     num_threads: int = Field(2, ge=1)
     batch_sizes: PositiveInts = (1, 8)
+    serving_batch_size: int = Field(1, ge=1, description="images per call in deployment: the "
+                                    "batch size the selection and the gate judge latency at "
+                                    "(timed even when batch_sizes does not list it)")
     warmup: int = Field(10, ge=0, description="untimed iterations per model")
-    iterations: int = Field(50, ge=5, description="timed iterations per model and batch size")
+    iterations: int = Field(50, ge=5, description="timed iterations per model and batch size, "
+                            "in at least 3 interleaved rounds (the noise is their spread)")
+
+    @property
+    def timed_batch_sizes(self) -> tuple[int, ...]:
+        """`batch_sizes` and the serving batch size, ascending."""
+        return tuple(sorted({*self.batch_sizes, self.serving_batch_size}))
 
 
 class SensitivityConfig(_Model):
@@ -407,10 +436,12 @@ class GateConfig(_Model):
     """
 
     enabled: bool = True
-    max_latency_increase: float = Field(0.10, ge=0, description="batch-1 latency rise allowed, "
-                                        "as a fraction (0.10 = 10%)")
-    latency_attempts: int = Field(3, ge=1, description="side-by-side measurements; a latency "
-                                  "regression must show in every one (noise seldom repeats)")
+    max_latency_increase: float = Field(0.10, ge=0, description="latency rise allowed at the "
+                                        "serving batch size, as a fraction (0.10 = 10%)")
+    latency_attempts: int = Field(3, ge=1, description="side-by-side measurements at most: "
+                                  "taken while the candidate looks slower than allowed or the "
+                                  "timing is noisy; the median ratio must exceed the allowed "
+                                  "one beyond its noise to fail")
 
 
 NNCF_PEER = "nncf-ptq"  # the in-run peer variant: NNCF's own PTQ of the float model

@@ -34,6 +34,11 @@ class IntegrityError(QuantlabError):
     """Stored content does not match its manifest (sha256, size, schema)."""
 
 
+class ExportCheckError(QuantlabError):
+    """An export (ONNX, OpenVINO IR) failed its run's check against its own artifact: it does
+    not compute what the variant computes, or its quantization was lost."""
+
+
 class NotFoundError(QuantlabError, LookupError):
     """A run, alias or variant that the store does not hold."""
 

@@ -6,7 +6,9 @@ each export computes what its TorchScript artifact computes, and timing per (art
     files = export_float(fused_float, input_size=224)
     files = nncf_peer(files_float["model.onnx"], calibration_batches)   # model.xml, model.bin
     eq = check_equivalence(paths["model.onnx"], "onnxruntime", int8_ts_path, "torch-x86",
-                           float_ts_path, val_loader, num_threads=2)
+                           float_ts_path, val_loader, num_threads=2)   # or, from logits:
+    eq = check_export(path, logits, labels, float_logits, reference_logits, "onnxruntime",
+                      int8=True)   # compare_logits + quantization_lost(path)
 
 Every (artifact, runtime) pair is timed by quantlab.timing.measure_files, with the TorchScript
 files, in one fresh process (`TimedFile(path, runtime=...)`): the same interleaved rounds,
@@ -20,7 +22,9 @@ oneDNN primitive cache: see quantlab/_timer.py).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
+from xml.etree import ElementTree
 
 import numpy as np
 import torch
@@ -33,16 +37,19 @@ from quantlab.export import sha256
 from quantlab.registry import FORMAT_FILES, ArtifactEntry, FileEntry
 from quantlab.sensitivity import Sqnr
 
-MIN_AGREEMENT = 99.0      # percent of images whose top-1 matches the TorchScript int8 artifact
-MAX_TOP1_DIFF = 0.3       # top-1 points between an export and its TorchScript artifact
-# ...or, below that agreement, an export as close to float as its artifact: logits SQNR
-# against float at most this many dB below the artifact's, and float agreement at most
-# MAX_TOP1_DIFF points below. Why: on Fashion-MNIST's 10,000 val images every export agreed
-# with its TorchScript artifact on only 97.8-98.3% of images (the runtimes requantize their
-# own way, and near-ties flip), with top-1 within 0.1 points and SQNR against float within
-# 0.2 dB of the artifact's; the one real divergence seen (a fallback's ONNX in ONNX Runtime:
-# 85.8% agreement, 6.7 dB against 24.9 dB, top-1 80.8 against 87.4) fails every criterion.
-MAX_SQNR_LOSS_DB = 1.0
+# An export passes its check only when all three hold against its own TorchScript artifact on
+# val/ (and an int8 export's file is still int8: `quantization_lost`):
+MIN_AGREEMENT = 98.0      # percent of images whose top-1 matches the artifact's top-1
+MAX_TOP1_DIFF = 0.3       # top-1 points between the export and the artifact
+MAX_SQNR_LOSS_DB = 1.0    # logits SQNR against float at most this many dB below the artifact's
+# Why 98: it is the bar issue 23 set. On Fashion-MNIST's 10,000 val images the good exports
+# agreed with their TorchScript artifact on 97.8-98.3% of images (the runtimes requantize
+# their own way, and near-ties flip), with top-1 within 0.1 points and SQNR against float
+# within 0.2 dB of the artifact's: an export at that range's low end fails this bar and is
+# not selected. The one real divergence seen (a fallback's ONNX in ONNX Runtime: 85.8%
+# agreement, 6.7 dB against 24.9 dB, top-1 80.8 against 87.4) fails all three. Agreement is
+# never waived for being close to float: two models that each change a different 10% of
+# float's predictions are each as close to float, yet agree with each other on ~80%.
 
 
 def versions() -> dict[str, str]:
@@ -102,7 +109,7 @@ class Equivalence(BaseModel):
     float_agreement: float         # percent of images with the float model's top-1 prediction
     sqnr_db: float | None          # logits SQNR against float, dB (None: equal to float's)
     num_images: int
-    passed: bool | None            # agreement >= MIN_AGREEMENT and |top1 diff| <= MAX_TOP1_DIFF
+    passed: bool | None            # see compare_logits and check_export (None: no reference)
     reason: str
 
 
@@ -132,7 +139,12 @@ def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float | None:
 
 def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray,
                    reference_logits: np.ndarray | None, runtime: str) -> Equivalence:
-    """The equivalence figures and verdict of an export's logits (see `Equivalence`)."""
+    """The equivalence figures and verdict of an export's logits (see `Equivalence`).
+
+    It passes when all hold against the TorchScript artifact's logits (`reference_logits`):
+    top-1 agreement >= MIN_AGREEMENT, top-1 within MAX_TOP1_DIFF points, and logits SQNR
+    against float at most MAX_SQNR_LOSS_DB below the artifact's. The reason names the
+    agreement either way."""
     pred = logits.argmax(1)
     top1 = 100.0 * float(np.mean(pred == labels))
     float_agreement = 100.0 * float(np.mean(pred == float_logits.argmax(1)))
@@ -143,26 +155,64 @@ def compare_logits(logits: np.ndarray, labels: np.ndarray, float_logits: np.ndar
                            reason="no TorchScript artifact to compare with")
     ref_top1 = 100.0 * float(np.mean(reference_logits.argmax(1) == labels))
     agreement = 100.0 * float(np.mean(pred == reference_logits.argmax(1)))
-    ref_float_agreement = 100.0 * float(np.mean(reference_logits.argmax(1) == float_logits.argmax(1)))
     ref_sqnr, sqnr = sqnr_db(float_logits, reference_logits), common["sqnr_db"]
-    as_close_to_float = (sqnr is None or ref_sqnr is None or sqnr >= ref_sqnr - MAX_SQNR_LOSS_DB) \
-        and float_agreement >= ref_float_agreement - MAX_TOP1_DIFF
+    agrees = f"top-1 agrees with the TorchScript artifact on {agreement:.2f}% of images"
     problems = []
-    if agreement < MIN_AGREEMENT and not as_close_to_float:
-        problems.append(
-            f"top-1 agrees with the TorchScript artifact on {agreement:.2f}% of images "
-            f"(< {MIN_AGREEMENT}%), and it is further from float than the artifact (logits "
-            f"SQNR {_db(sqnr)} vs {_db(ref_sqnr)}, float's top-1 on {float_agreement:.2f}% vs "
-            f"{ref_float_agreement:.2f}% of images)")
+    if agreement < MIN_AGREEMENT:
+        problems.append(f"{agrees} (< {MIN_AGREEMENT:g}%)")
     if abs(top1 - ref_top1) > MAX_TOP1_DIFF:
         problems.append(f"top-1 {top1:.2f} vs {ref_top1:.2f} of the TorchScript artifact "
-                        f"(> {MAX_TOP1_DIFF} points apart)")
-    held = (f"agrees on {agreement:.2f}% of images" if agreement >= MIN_AGREEMENT else
-            f"agrees on {agreement:.2f}% of images (near-ties rounded otherwise), as close to "
-            f"float as the artifact (SQNR {_db(sqnr)} vs {_db(ref_sqnr)})")
+                        f"(> {MAX_TOP1_DIFF:g} points apart)")
+    # None: equal to float's logits, which no SQNR loss can be measured against
+    if sqnr is not None and ref_sqnr is not None and sqnr < ref_sqnr - MAX_SQNR_LOSS_DB:
+        problems.append(f"logits SQNR against float {sqnr:.1f} dB vs the artifact's "
+                        f"{ref_sqnr:.1f} dB (> {MAX_SQNR_LOSS_DB:g} dB lower)")
+    if problems and agreement >= MIN_AGREEMENT:
+        problems.append(agrees)
     return Equivalence(**common, reference_top1=ref_top1, agreement=agreement,
                        passed=not problems,
-                       reason="; ".join(problems) or f"{held}, top-1 {top1:.2f} vs {ref_top1:.2f}")
+                       reason="; ".join(problems) or f"{agrees}, top-1 {top1:.2f} vs "
+                       f"{ref_top1:.2f}, logits SQNR against float {_db(sqnr)} vs {_db(ref_sqnr)}")
+
+
+def quantization_lost(path: str) -> str | None:
+    """Why an int8 export's file is not int8, in one line; None when it is. model.onnx must hold
+    QuantizeLinear/DequantizeLinear nodes or int8/uint8 initializers, an OpenVINO IR's
+    model.xml FakeQuantize layers or i8/u8 constants."""
+    name = os.path.basename(path)
+    if path.endswith(".onnx"):
+        import onnx
+
+        graph = onnx.load(path, load_external_data=False).graph
+        int8_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node) or \
+                any(i.data_type in int8_types for i in graph.initializer):
+            return None
+        return (f"{name} has no QuantizeLinear/DequantizeLinear nodes and no int8 weights: its "
+                "quantization was lost")
+    if path.endswith(".xml"):
+        layers = ElementTree.parse(path).getroot().iter("layer")
+        if any(layer.get("type") == "FakeQuantize" or
+               (layer.get("type") == "Const" and
+                any(d.get("element_type") in ("i8", "u8") for d in layer.iter("data")))
+               for layer in layers):
+            return None
+        return f"{name} has no FakeQuantize nodes and no i8/u8 constants: its quantization was lost"
+    raise ValueError(f"{path} is neither an ONNX model (.onnx) nor an OpenVINO IR (.xml)")
+
+
+def check_export(path: str, logits: np.ndarray, labels: np.ndarray, float_logits: np.ndarray,
+                 reference_logits: np.ndarray | None, runtime: str, int8: bool) -> Equivalence:
+    """The verdict on an export file (`path`: model.onnx or model.xml) from its logits in
+    `runtime`: compare_logits, and for an int8 export (`int8`; float baselines are exempt)
+    its file must still be int8 (`quantization_lost`). Without a reference (nncf-ptq) only the
+    int8 check can fail it (`passed` False), else `passed` stays None."""
+    eq = compare_logits(logits, labels, float_logits, reference_logits, runtime)
+    lost = quantization_lost(path) if int8 else None
+    if lost is None:
+        return eq
+    return eq.model_copy(update={
+        "passed": False, "reason": lost if eq.agreement is None else f"{lost}; {eq.reason}"})
 
 
 def _db(value: float | None) -> str:
@@ -171,9 +221,11 @@ def _db(value: float | None) -> str:
 
 def check_equivalence(path: str, runtime: str, reference_path: str | None,
                       reference_runtime: str | None, float_path: str, loader,
-                      num_threads: int = 2, max_batches: int | None = None) -> Equivalence:
+                      num_threads: int = 2, max_batches: int | None = None,
+                      int8: bool = True) -> Equivalence:
     """Evaluate an exported artifact in its runtime on `loader` (e.g. val/) against its
-    TorchScript int8 artifact (reference; None for nncf-ptq) and the float TorchScript file.
+    TorchScript int8 artifact (reference; None for nncf-ptq) and the float TorchScript file
+    (`check_export`; `int8` False for a float baseline).
 
     The run must not select a variant whose export has `passed` False (it diverged).
     """
@@ -183,7 +235,7 @@ def check_equivalence(path: str, runtime: str, reference_path: str | None,
     float_logits, _ = predict(float_path, "torch", batches, num_threads)
     reference = (predict(reference_path, reference_runtime, batches, num_threads)[0]
                  if reference_path else None)
-    return compare_logits(logits, labels, float_logits, reference, runtime)
+    return check_export(path, logits, labels, float_logits, reference, runtime, int8)
 
 
 def as_numpy(loader: Iterable) -> tuple[np.ndarray, np.ndarray]:

@@ -492,7 +492,8 @@ def _check_runtimes(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDa
                     result: VariantResult, logits: torch.Tensor) -> list[Equivalence]:
     """The variant in each runtime that runs one of its files, evaluated on val/: against
     float, and (all but the first, which made `logits`) against its own artifact
-    (formats.compare_logits: agreement and top-1 must hold, or the pair is not selected)."""
+    (formats.check_export: agreement >= formats.MIN_AGREEMENT, top-1 and SQNR must hold, and
+    an int8 export must still be int8, or the pair is not selected)."""
     float_logits, labels = float_val_logits(cfg, staged, store, run)
     reference = logits.numpy()
     (own, *pairs) = [(entry, rt) for entry in [result.artifact, *result.exports]
@@ -508,7 +509,9 @@ def _check_runtimes(cfg: RunConfig, store: Store, run: RunInfo, staged: StagedDa
         for entry, rt in pairs:
             predicted, _ = formats.predict(paths[entry.format], rt, val_loader(cfg, staged),
                                            cfg.timing.num_threads, cfg.data.max_eval_batches)
-            eq = formats.compare_logits(predicted, labels, float_logits, reference, rt)
+            eq = formats.check_export(paths[entry.format], predicted, labels, float_logits,
+                                      reference, rt, int8=result.method != "float"
+                                      and entry.format not in registry.OWN_FORMATS)
             log.info("%s in %s: top-1 %.2f, %s", result.variant, rt, eq.top1, eq.reason)
             out.append(eq)
     return out
@@ -550,12 +553,14 @@ def nncf_peer(cfg: RunConfig, staged: StagedData, run: RunInfo) -> VariantResult
         path = registry.verified_copies(store, {"nncf": (run.run_id, entry)}, tmp)["nncf"]
         logits, _ = formats.predict(path, entry.runtimes[0], val_loader(cfg, staged),
                                     cfg.timing.num_threads, cfg.data.max_eval_batches)
-    eq = formats.compare_logits(logits, labels, float_logits, None, entry.runtimes[0])
+        eq = formats.check_export(path, logits, labels, float_logits, None, entry.runtimes[0],
+                                  int8=True)  # no artifact to agree with: int8 or not
+    if eq.passed is None:
+        eq = eq.model_copy(update={"reason": "NNCF's own PTQ: no TorchScript artifact to "
+                                             "agree with; its IR is int8"})
     result = VariantResult(variant=cfg.nncf_peer, method="ptq", engine=None,
                            eval=result_of_logits(torch.from_numpy(logits), torch.from_numpy(labels)),
-                           artifact=entry, algorithms="nncf.quantize",
-                           runtimes=[eq.model_copy(update={"reason": "NNCF's own PTQ: no "
-                                                           "TorchScript artifact to agree with"})])
+                           artifact=entry, algorithms="nncf.quantize", runtimes=[eq])
     _write_evaluations(cfg, store, run, result, result.runtimes)
     return result
 
@@ -578,7 +583,7 @@ def benchmark(cfg: RunConfig, run: RunInfo, results: list[VariantResult]) -> lis
         paths = registry.verified_copies(store, entries, tmp)
         files = {key: TimedFile(path=paths[f"{r.variant}.{r.entry_for(rt).format}"], runtime=rt)
                  for key, (r, rt) in pairs.items()}
-        measured = measure_files(files, cfg.data.transforms.input_size, b.batch_sizes,
+        measured = measure_files(files, cfg.data.transforms.input_size, b.timed_batch_sizes,
                                  b.num_threads, b.warmup, b.iterations)
     rows, table = [], []
     for x in measured:
@@ -595,39 +600,42 @@ def benchmark(cfg: RunConfig, run: RunInfo, results: list[VariantResult]) -> lis
 
 def select(cfg: RunConfig, results: list[VariantResult],
            latencies: list[Latency]) -> tuple[list[ResultRow], list[ResultRow], Selection]:
-    """The run's comparison: one row per (variant, runtime) evaluated, one per variant in its
-    fastest runtime (float first), and the (variant, runtime) it ships (quantlab.selection)."""
+    """The run's comparison at the serving batch size: one row per (variant, runtime)
+    evaluated, one per variant in its fastest runtime (float first), and the (variant, runtime)
+    it ships with its verdict (quantlab.selection: float competes)."""
     pairs = [{"variant": r.variant, "method": r.method, "top1": eq.top1,
               "top5": r.eval.top5 if i == 0 else None,
               "size_bytes": r.entry_for(eq.runtime).size_bytes, "float_layers": r.float_layers,
               "algorithms": r.algorithms, "backend": r.backend, "runtime": eq.runtime,
               "agreement": eq.agreement,
               "equivalent": eq.passed, "float_agreement": eq.float_agreement,
+              "check": eq.reason if eq.passed is not None else None,
               "sqnr_db": eq.sqnr_db if r.method != "float" else None}
              for r in results for i, eq in enumerate(r.runtimes)]
-    rows = comparison(pairs, latencies)
-    chosen = select_variant(rows, cfg.max_accuracy_drop, latencies)
-    return rows, fastest_per_variant(rows), chosen.model_copy(update={
+    serving = cfg.timing.serving_batch_size
+    rows = comparison(pairs, latencies, serving)
+    chosen = select_variant(rows, cfg.max_accuracy_drop, latencies, serving)
+    return rows, fastest_per_variant(rows, chosen), chosen.model_copy(update={
         "load_snippet": runtimes.load_snippet(chosen.runtime, num_threads=cfg.timing.num_threads)})
 
 
 def export_warnings(results: list[VariantResult]) -> list[str]:
-    """A warning per variant that could not be exported, and per export that diverged from
-    its TorchScript artifact in a runtime (which the selection therefore leaves out)."""
+    """A warning per variant that could not be exported, and per export that failed its check
+    in a runtime (which the selection therefore leaves out)."""
     out = [f"{r.variant} was not exported (it is TorchScript only): {r.export_error}"
            for r in results if r.export_error]
-    out += [f"{r.variant} in {eq.runtime} diverged from its TorchScript artifact and is not "
-            f"selected: {eq.reason}" for r in results for eq in r.runtimes if eq.passed is False]
+    out += [f"{r.variant} in {eq.runtime} failed its export check and is not selected: "
+            f"{eq.reason}" for r in results for eq in r.runtimes if eq.passed is False]
     return out
 
 
 def baseline_warnings(results: list[VariantResult], rows: list[ResultRow],
-                      num_classes: int) -> list[str]:
+                      num_classes: int, serving_batch_size: int = 1) -> list[str]:
     """Warnings that the float baseline looks broken or the timing stayed noisy
     (quantlab.selection); each is logged."""
     float_result = next(r for r in results if r.method == "float")
     found = (float_baseline_warnings(rows, float_result.eval.loss, num_classes)
-             + timing_warnings(rows) + export_warnings(results))
+             + timing_warnings(rows, serving_batch_size) + export_warnings(results))
     for w in found:
         log.warning("%s", w)
     return found
@@ -665,7 +673,8 @@ def finalize(cfg: RunConfig, run: RunInfo, staged: StagedData, results: list[Var
     """
     store = store_of(cfg)
     base = registry.run_dir(run.run_id)
-    warnings = baseline_warnings(results, rows, len(staged.classes))
+    warnings = baseline_warnings(results, rows, len(staged.classes),
+                                 cfg.timing.serving_batch_size)
     png = report.plot(rows, epochs or [])
     store.write_bytes(f"{base}/report/comparison.png", png)
     manifest = Manifest(

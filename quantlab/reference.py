@@ -7,7 +7,7 @@ batches as quantlab's own variants, scripts it with each optimisation asked for 
 torch.jit.script / freeze / optimize_for_inference), and reports how quantlab's artifact
 compares with the fastest of these.
 
-It deliberately imports nothing from quantlab (tests/test_bench.py checks), so that a
+It deliberately imports nothing from quantlab (tests/library/test_bench.py checks), so that a
 regression in quantlab's path (a missed fusion, the wrong engine, an extra wrapper) shows up
 as a ratio instead of being shared by both sides.
 """

@@ -24,7 +24,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from quantlab.config import NAME_PATTERN
-from quantlab.errors import ConfigError, IntegrityError, NotFoundError, StoreError
+from quantlab.errors import (ConfigError, ExportCheckError, IntegrityError, NotFoundError,
+                             StoreError)
 from quantlab.store import Store, check_relpath
 
 log = logging.getLogger(__name__)
@@ -115,22 +116,53 @@ class ResultRow(_Strict):
     top1: float
     top5: float | None = None             # None with 5 classes or fewer
     size_bytes: int
-    latency_ms: float | None                # batch 1, median
+    latency_ms: float | None                # median, at the run's serving batch size
     speedup: float | None                   # float latency / this latency
     float_layers: list[str] = []            # layers kept in float (fallback variants)
     algorithms: str = ""                    # e.g. "minmax+cle+bc"; "" for float
-    latency_noise: float | None = None      # relative spread of the batch-1 timing rounds
-    noisy: bool = False                     # the batch-1 timing stayed noisy after re-measuring
+    latency_noise: float | None = None      # relative spread of the timing rounds (serving batch)
+    noisy: bool = False                     # that timing stayed noisy after re-measuring
     runtime: str = "torch"                  # where it ran: quantlab.runtimes (torch-x86, openvino..)
     backend: Literal["eager", "pt2e"] = "eager"  # the stack that made it (quantlab.backend)
     format: Format = "torchscript"
     agreement: float | None = None          # % of val images with the variant's own
                                             # artifact's top-1 (exports only)
-    equivalent: bool | None = None          # the export passed formats.check (None: TorchScript)
+    equivalent: bool | None = None          # the export passed its check (None: TorchScript)
+    check: str | None = None                # the check's one-line reason (formats.check_export)
     float_agreement: float | None = None    # % of val images with float's top-1 class
     sqnr_db: float | None = None            # logits against float's on val/, dB
     speedup_vs_torchscript: float | None = None  # against the float TorchScript file (`speedup`:
                                             # against the run's fastest float runtime)
+
+
+class BatchSpeedup(_Strict):
+    """At one timed batch size: the fastest int8 pair within the budget against the fastest
+    float pair (None: no int8 pair within the budget was timed at that batch)."""
+
+    batch_size: int
+    float_variant: str = "float"
+    float_runtime: str
+    float_ms: float
+    int8_variant: str | None = None
+    int8_runtime: str | None = None
+    int8_ms: float | None = None
+    speedup: float | None = None            # float_ms / int8_ms
+    noise: float | None = None              # of that ratio (quantlab.timing.noise_of)
+    beyond_noise: bool = False              # the int8 pair is faster beyond the noise
+    noisy: bool = False                     # either timing stayed noisy after re-measuring
+
+
+class Verdict(_Strict):
+    """Does int8 pay off on this CPU, at this size? The record behind the selection."""
+
+    serving_batch_size: int                 # the batch the selection was judged at
+    int8_pays: bool                         # an int8 pair was chosen over float
+    sentence: str                           # the verdict in one sentence, for people
+    cpu: str = ""                           # model and int8 ISA flags (quantlab.timing.cpu_info)
+    speedups: list[BatchSpeedup] = []       # at every timed batch size, serving batch included
+    noisy: bool = False                     # the choice rests on timing that stayed noisy
+    steps: list[str] = []                   # how the choice moved: most accurate first, then
+                                            # only to pairs faster beyond the noise
 
 
 class Selection(_Strict):
@@ -140,6 +172,7 @@ class Selection(_Strict):
     runtime: str = "torch"                  # the runtime it was chosen in (quantlab.runtimes)
     format: Format = "torchscript"
     load_snippet: str = ""                  # three lines that load and run it without quantlab
+    verdict: Verdict | None = None          # None: a run from before float competed
 
 
 class GateVerdict(_Strict):
@@ -152,9 +185,11 @@ class GateVerdict(_Strict):
     same_dataset: bool | None = None        # dataset fingerprints equal
     previous_top1: float | None = None      # re-evaluated on this run's val/
     top1: float | None = None
-    previous_latency_ms: float | None = None  # batch 1, timed side by side in this run
+    previous_latency_ms: float | None = None  # at batch_size, timed side by side in this run
     latency_ms: float | None = None
-    latency_attempts: int | None = None     # side-by-side measurements taken (lowest ratio kept)
+    latency_attempts: int | None = None     # side-by-side measurements taken (median kept)
+    latency_noise: float | None = None      # of the ratio latency_ms / previous_latency_ms
+    batch_size: int = 1                     # the serving batch size the latencies are at
     max_accuracy_drop: float
     max_latency_increase: float
 
@@ -317,11 +352,37 @@ def read_verified(store: Store, run_id: str, entry: ArtifactEntry | FileEntry) -
     return data
 
 
+def failed_check(manifest: Manifest, entry: ArtifactEntry) -> str | None:
+    """Why an export (ONNX, OpenVINO IR; nncf-ptq's IR too) failed the run's check against its
+    TorchScript artifact, in one line naming the agreement; None when it passed, is not an
+    export, or the manifest predates the check (`runtime_results` rows of its variant and
+    runtimes with `equivalent` False)."""
+    if entry.format in OWN_FORMATS:
+        return None
+    failed = [r for r in manifest.runtime_results if r.variant == entry.variant
+              and r.runtime in entry.runtimes and r.equivalent is False]
+    if not failed:
+        return None
+    row = failed[0]
+    why = row.check or (f"top-1 agrees with the TorchScript artifact on {row.agreement:.2f}% "
+                        "of val images" if row.agreement is not None else "see quantlab show")
+    return f"{entry.variant}'s {entry.format} export failed its check in {row.runtime}: {why}"
+
+
 def read_artifact(store: Store, manifest: Manifest, variant: str = "best",
-                  format: str | None = None) -> bytes:
+                  format: str | None = None, force: bool = False) -> bytes:
     """A complete run's artifact file (`best`: the selected variant; `format` None: the one
-    its backend ships), verified."""
-    return read_verified(store, manifest.run_id, manifest.artifact(variant, format))
+    its backend ships), verified. An export that failed its check (`failed_check`) raises
+    ExportCheckError unless `force`."""
+    entry = manifest.artifact(variant, format)
+    _refuse_failed(manifest, entry, force)
+    return read_verified(store, manifest.run_id, entry)
+
+
+def _refuse_failed(manifest: Manifest, entry: ArtifactEntry, force: bool) -> None:
+    problem = None if force else failed_check(manifest, entry)
+    if problem:
+        raise ExportCheckError(f"{problem}; --force pulls it anyway")
 
 
 def load_artifact(store: Store, run_id: str, entry: ArtifactEntry):
@@ -358,7 +419,7 @@ def update_aliases(store: Store, manifest: Manifest) -> None:
 
 
 def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None = None,
-         format: str | None = None) -> str:
+         format: str | None = None, force: bool = False) -> str:
     """Download a run's artifact to `dest`, verifying sha256 first; returns the path written.
 
     `dest`: a file, or a folder (existing, or ending with "/") for the file's own name.
@@ -366,7 +427,9 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     in, or the one a named variant's backend ships (TorchScript; AOTI for PT2E variants). An OpenVINO IR is two files (<stem>.xml and
     <stem>.bin): both are verified before either is written. Each file streams into a temp
     file next to `dest` while being hashed; only when every file matches are they renamed
-    into place. On a mismatch nothing is left at `dest`.
+    into place. On a mismatch nothing is left at `dest`. An export that failed the run's check
+    against its TorchScript artifact (`failed_check`) raises ExportCheckError before anything
+    is written, unless `force`.
     """
     store = Store(store) if isinstance(store, str) else store
     manifest = load_manifest(store, resolve(store, ref))
@@ -375,6 +438,7 @@ def pull(store: Store | str, ref: str, variant: str = "best", dest: str | None =
     if format is not None and format not in FORMATS:
         raise NotFoundError(f"unknown artifact format {format!r}; valid: {', '.join(FORMATS)}")
     entry = manifest.artifact(variant, format)
+    _refuse_failed(manifest, entry, force)
     format = entry.format
     # Every part of the name matched a pattern without path separators when the manifest was
     # validated: a crafted manifest cannot steer the file out of `dest`.

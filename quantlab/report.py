@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from rich import box
 from rich.table import Table
 
-from quantlab.registry import Manifest, ResultRow
+from quantlab.registry import Manifest, ResultRow, Selection
 from quantlab.sensitivity import FallbackStep, SensitivityResult
 
 
@@ -47,6 +47,28 @@ def rich_table(rows: Sequence[ResultRow], selected: str | None, title: str = "")
         cells["variant"] += " *" if r.variant == selected else ""
         table.add_row(*cells.values(), style="bold" if r.variant == selected else None)
     return table
+
+
+def verdict_lines(selection: Selection) -> list[str]:
+    """The verdict for people: its sentence, the CPU, and the int8 / float ratio at each timed
+    batch size (what the terminal, the report and the Prefect UI show)."""
+    v = selection.verdict
+    if v is None:
+        return []
+    lines = [f"verdict at serving batch {v.serving_batch_size}: {v.sentence}"
+             + (" (the timing stayed noisy: re-measure on a quiet machine)" if v.noisy else "")]
+    if v.cpu:
+        lines.append(f"CPU: {v.cpu}")
+    for s in v.speedups:
+        if s.speedup is None:
+            lines.append(f"batch {s.batch_size}: no int8 pair within the budget was timed")
+            continue
+        beyond = "faster beyond the noise" if s.beyond_noise else "not faster beyond the noise"
+        noise = f"noise ±{s.noise:.0%}" if s.noise is not None else "noise unknown"
+        lines.append(f"batch {s.batch_size}: best int8 {s.int8_variant} in {s.int8_runtime} "
+                     f"{s.int8_ms:.3f} ms vs float in {s.float_runtime} {s.float_ms:.3f} ms: "
+                     f"{s.speedup:.2f}x ({noise}; {beyond}{', noisy' if s.noisy else ''})")
+    return lines
 
 
 def dict_table(rows: Sequence[dict[str, str]], title: str = "", num_left: int = 1) -> Table:
@@ -109,7 +131,8 @@ def markdown_table(rows: Sequence[dict[str, str]]) -> str:
 
 
 def plot(rows: Sequence[ResultRow], qat_epochs: Sequence[dict]) -> bytes:
-    """PNG: top-1 against batch-1 latency per variant, and the int8 top-1 of each QAT epoch."""
+    """PNG: top-1 against latency (serving batch) per variant, and the int8 top-1 of each QAT
+    epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +144,7 @@ def plot(rows: Sequence[ResultRow], qat_epochs: Sequence[dict]) -> bytes:
             continue
         ax1.scatter(r.latency_ms, r.top1, s=60, marker="s" if r.method == "float" else "o")
         ax1.annotate(r.variant, (r.latency_ms, r.top1), textcoords="offset points", xytext=(5, 5))
-    ax1.set_xlabel("latency, batch 1 (ms)")
+    ax1.set_xlabel("latency at the serving batch size (ms)")
     ax1.set_ylabel("top-1 (%)")
     ax1.set_title("accuracy against latency")
     ax1.grid(alpha=0.3)
@@ -177,8 +200,8 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
         markdown_table(rows),
         "",
         "Each variant in its fastest runtime. agree %: val images with float's top-1 class; "
-        "vs export: with the variant's own TorchScript artifact (an export must agree on "
-        "99%); SQNR: logits against float's; speed-up: against float in "
+        "vs export: with the variant's own TorchScript artifact; SQNR: logits against float's; "
+        "latency at the serving batch size; speed-up: against float in "
         f"{manifest.float_runtime or 'torch'}, the run's fastest float runtime. Every (variant, "
         "runtime) pair is under \"Runtimes\" below.",
         "",
@@ -187,6 +210,10 @@ def markdown_report(manifest: Manifest, links: dict[str, str], plot_image: str |
         f"{manifest.selected.reason}.",
         "",
     ]
+    verdict = verdict_lines(manifest.selected)
+    if verdict:
+        lines += [f"**Verdict**: {verdict[0].split(': ', 1)[1]}", ""]
+        lines += [f"- {line}" for line in verdict[1:]] + [""]
     if manifest.selected.load_snippet:
         lines += ["```python", manifest.selected.load_snippet, "```", ""]
     lines += [f"**Warning**: {w}." for w in manifest.warnings] + ([""] if manifest.warnings else [])

@@ -3,8 +3,8 @@
     rows = measure_files({"float": "f.pt", "ptq-x86": "q.pt"}, input_size=224, batch_sizes=(1, 8),
                          num_threads=2, engines={"ptq-x86": "x86"})   # fresh torch-only process
     old, new, attempts = compare(previous, candidate, input_size=224, max_ratio=1.1)
+    noise_of(old, new)               # the noise of their ratio (same rounds: per-round ratios)
     faster_beyond_noise(new, old), margin_reason(new, old)          # "0.38 ms vs 0.41 ms, ..."
-    tied_with_fastest(rows)          # the fastest and those it does not beat beyond the noise
     prof = profile_artifact("model.pt", engine="x86", input_size=224, batch_size=1, num_threads=2)
 
 Method (quantlab/_timer.py runs it): fixed intra-op threads, inference_mode, warm-up, then
@@ -15,12 +15,14 @@ Figures that decide things come from `measure_files`: a fresh process that impor
 where each (thread count, batch size) is timed on models loaded afresh after the thread count
 was set (an int8 model keeps the oneDNN primitive of its first call: see quantlab/_timer.py).
 
-Noise. Per model and setting, `noise` is half the spread (p10 to p90) of the per-round medians,
-relative to the median: how far a median taken at another moment of the same run could be.
-A measurement is noisy if noise > NOISE_THRESHOLD or p90 > TAIL_THRESHOLD x median; a noisy
-setting is measured again (all models, still interleaved) up to `max_remeasure` times, the
-least noisy measurement is kept, and if it stays noisy its rows say `noisy` and a warning is
-logged. The thresholds come from timing a model against a byte-identical copy of itself on
+Noise. Per model and setting, `noise` is half the spread (p10 to p90) of the per-round medians
+(at least MIN_ROUNDS rounds), relative to the median: how far a median taken at another moment
+of the same run could be. A measurement is noisy if noise > NOISE_THRESHOLD or p90 >
+TAIL_THRESHOLD x median; a noisy setting is measured again (all models, still interleaved) up
+to `max_remeasure` times, and the measurements are combined (`combine`): the median of their
+medians and the median of their noises, never the quietest one alone (keeping the quietest
+under-states the noise that the next run will meet). If it stays noisy its rows say `noisy` and
+a warning is logged. The thresholds come from timing a model against a byte-identical copy of itself on
 this project's 2-core machines, quiet and under a CPU burner (bench/timing_check.py,
 bench/gate_noise.py; figures in BENCHMARKS.md): see NOISE_THRESHOLD.
 
@@ -29,8 +31,8 @@ Oversubscription. Before timing, `capacity()` reads the CPUs this process may ru
 (/proc/stat over half a second); no model is timed with more threads than there are idle CPUs
 (at least 1), and the rows record the threads used and asked for, and the load.
 
-`compare` is the regression gate's measurement: two models, batch 1, repeated while the
-candidate looks slower than allowed.
+`compare` is the regression gate's measurement: two models at the serving batch size, measured
+again while the candidate looks slower than allowed or the timing is noisy, and combined.
 
 Memory and load time are measured in a fresh Python process per model that imports only torch
 (so it also proves that the file runs with plain `torch.jit.load`): the peak resident set size
@@ -62,6 +64,7 @@ from quantlab.backend import engine_context
 from quantlab.errors import ConfigError
 
 BLOCK = _timer.BLOCK
+MIN_ROUNDS = _timer.MIN_ROUNDS
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 # Noise thresholds, from identical-model trials (bench/timing_check.py, MobileNetV2 96 px int8,
 # batch 1, 100 calls, 12 trials each, 2-core AMD EPYC): with the threads capped to the idle CPUs
@@ -95,6 +98,7 @@ class Latency(BaseModel):
     cpus_available: int | None = None         # CPUs this process may use (sched_getaffinity)
     idle_cpus: float | None = None            # of those, idle just before timing
     round_ms: list[float] = []   # per-round medians (not stored in tables)
+    round_attempts: list[int] = []  # which measurement (0, 1, ..) each round belongs to
     session: str = ""            # one id per interleaved measurement: rounds pair up within it
 
     @property
@@ -284,8 +288,8 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
     flow's task, batch-1 latencies of the demo's 32-pixel models came out 4x (float) and 9x
     (int8) slower than in a quiet process. The pipeline's figures come from here.
 
-    A setting with a noisy row is measured again (up to `max_remeasure` times) and the least
-    noisy measurement kept; rows still noisy are flagged and a warning names them (`say`,
+    A setting with a noisy row is measured again (up to `max_remeasure` times) and the
+    measurements combined (`combine`: median latency, median noise); rows still noisy are flagged and a warning names them (`say`,
     default: this module's logger). With `limit_threads`, thread counts above the idle CPUs
     are capped (`capacity`), and the rows say so.
     """
@@ -310,24 +314,24 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
         asked[used] = max(asked.get(used, 0), n)
     settings = list(dict.fromkeys((used, asked[used], bs) for used, _ in pairs
                                   for bs in batch_sizes))
-    best: dict[tuple[int, int, int], list[Latency]] = {}
-    attempts = dict.fromkeys(settings, 0)
+    measured: dict[tuple[int, int, int], list[list[Latency]]] = {k: [] for k in settings}
+    combined: dict[tuple[int, int, int], list[Latency]] = {}
     todo = settings
     for _ in range(1 + max(0, max_remeasure)):
-        measured = _run_timer(models, input_size, [(used, bs) for used, _, bs in todo], warmup,
-                              iterations, noise_threshold, tail_threshold)
-        for key, rows in zip(todo, measured):
-            attempts[key] += 1
-            if key not in best or _worst(rows) < _worst(best[key]):
-                best[key] = rows
-        todo = [key for key in settings if any(r.noisy for r in best[key])]
+        timed = _run_timer(models, input_size, [(used, bs) for used, _, bs in todo], warmup,
+                           iterations, noise_threshold, tail_threshold)
+        for key, rows in zip(todo, timed):
+            measured[key].append(rows)
+            combined[key] = [combine([attempt[i] for attempt in measured[key]], noise_threshold,
+                                     tail_threshold) for i in range(len(rows))]
+        todo = [key for key in settings if any(r.noisy for r in combined[key])]
         if not todo:
             break
     out = []
     for key in settings:
-        for r in best[key]:
+        for r in combined[key]:
             out.append(r.model_copy(update={
-                "runtime": models[r.variant].runtime, "attempts": attempts[key], "num_threads_requested": key[1],
+                "runtime": models[r.variant].runtime, "num_threads_requested": key[1],
                 "load_avg_1m": cap.load_avg_1m, "cpus_available": cap.cpus,
                 "idle_cpus": cap.idle_cpus}))
     for r in out:
@@ -340,9 +344,30 @@ def measure_files(paths: Mapping[str, str | TimedFile], input_size: int, batch_s
     return out
 
 
-def _worst(rows: Sequence[Latency]) -> float:
-    """How noisy a setting's measurement is: its worst row's noise, relative to the threshold."""
-    return max(max(r.noise / NOISE_THRESHOLD, r.tail / TAIL_THRESHOLD) for r in rows)
+def combine(measurements: Sequence[Latency], noise_threshold: float = NOISE_THRESHOLD,
+            tail_threshold: float = TAIL_THRESHOLD) -> Latency:
+    """One model's measurements of one setting (a first one and its re-measurements) as one.
+
+    Median latency, p90 and noise over the measurements (the quietest alone would under-state
+    the noise), the least disturbed call, every round kept with the measurement it came from
+    (`round_attempts`), so that `noise_of` pairs rounds within each measurement.
+    """
+    first = measurements[0]
+    if len(measurements) == 1:
+        return first.model_copy(update={"round_attempts": [0] * len(first.round_ms)})
+    median = statistics.median(m.latency_ms for m in measurements)
+    p90 = statistics.median(m.latency_ms_p90 for m in measurements)
+    noise = statistics.median(m.noise for m in measurements)
+    return first.model_copy(update={
+        "latency_ms": median, "latency_ms_p90": p90,
+        "latency_ms_min": min(m.latency_ms_min for m in measurements),
+        "images_per_sec": first.batch_size / (median / 1e3),
+        "iterations": sum(m.iterations for m in measurements), "noise": noise,
+        "noisy": noise > noise_threshold or p90 / median > tail_threshold,
+        "attempts": len(measurements),
+        "round_ms": [x for m in measurements for x in m.round_ms],
+        "round_attempts": [i for i, m in enumerate(measurements) for _ in m.round_ms],
+        "session": "+".join(m.session for m in measurements)})
 
 
 def _run_timer(models: Mapping[str, TimedFile], input_size: int, settings: list[tuple[int, int]],
@@ -367,38 +392,32 @@ def _run_timer(models: Mapping[str, TimedFile], input_size: int, settings: list[
 def compare(reference: torch.nn.Module | str | TimedFile,
             candidate: torch.nn.Module | str | TimedFile, input_size: int,
             max_ratio: float, attempts: int = 3, num_threads: int = 2, warmup: int = 10,
-            iterations: int = 50,
-            engines: Mapping[str, str | None] | None = None) -> tuple[Latency, Latency, int]:
-    """Batch-1 latency of `candidate` against `reference`, timed side by side.
+            iterations: int = 50, engines: Mapping[str, str | None] | None = None,
+            batch_size: int = 1) -> tuple[Latency, Latency, int]:
+    """The latency of `candidate` against `reference` at `batch_size`, timed side by side.
 
     Both are modules (timed in this process, `measure`) or local files (paths of TorchScript
     files, or TimedFiles in any runtime), timed in a fresh process (`measure_files`, as the
     pipeline does; `engines` keyed "reference"/"candidate").
-    A measurement whose ratio exceeds `max_ratio` is repeated, up to `attempts` in all: noise
-    from a busy machine seldom repeats, a real slow-down does. Returns the reference's and the
-    candidate's Latency from the measurement with the lowest ratio, and the attempts used.
-    Each Latency carries its noise (`noisy`); the repetition here replaces re-measuring noisy
-    ones.
+    While the ratio candidate/reference exceeds `max_ratio` or the timing is noisy, the pair is
+    measured again, up to `attempts` measurements in all, and the measurements are combined
+    (`combine`: the median, never the luckiest one). Returns the reference's and the
+    candidate's combined Latency (their ratio's noise: `noise_of`) and the measurements taken.
     """
     pair_in = {"reference": reference, "candidate": candidate}
-    best: tuple[Latency, Latency] | None = None
+    taken: list[dict[str, Latency]] = []
     for attempt in range(1, attempts + 1):
         if isinstance(reference, (str, TimedFile)):
-            measured = measure_files(pair_in, input_size, (1,), num_threads, warmup, iterations,
-                                     engines, max_remeasure=0)
+            measured = measure_files(pair_in, input_size, (batch_size,), num_threads, warmup,
+                                     iterations, engines, max_remeasure=0)
         else:
-            measured = measure(pair_in, input_size, (1,), num_threads, warmup, iterations)
-        rows = {r.variant: r for r in measured}
-        pair = (rows["reference"], rows["candidate"])
-        if best is None or _ratio(pair) < _ratio(best):
-            best = pair
-        if _ratio(best) <= max_ratio:
+            measured = measure(pair_in, input_size, (batch_size,), num_threads, warmup,
+                               iterations)
+        taken.append({r.variant: r for r in measured})
+        old, new = (combine([t[name] for t in taken]) for name in ("reference", "candidate"))
+        if new.latency_ms <= max_ratio * old.latency_ms and not (old.noisy or new.noisy):
             break
-    return best[0], best[1], attempt
-
-
-def _ratio(pair: tuple[Latency, Latency]) -> float:
-    return pair[1].latency_ms / pair[0].latency_ms
+    return old, new, attempt
 
 
 def margin(a: Latency, b: Latency) -> float:
@@ -410,28 +429,20 @@ def noise_of(a: Latency, b: Latency) -> float:
     """The noise of the ratio of two latencies, relative.
 
     Measured in the same interleaved rounds (same `session`), it is the spread of the
-    per-round ratios: load that hits both alike cancels. Otherwise the two noises add.
+    per-round ratios, the median over the measurements combined (`combine`): load that hits
+    both alike cancels. Otherwise the two noises add.
     """
     if a.session and a.session == b.session and len(a.round_ms) == len(b.round_ms) > 1:
-        return spread([y / x for x, y in zip(a.round_ms, b.round_ms)])
+        groups: dict[int, list[float]] = {}
+        for i, (x, y) in enumerate(zip(a.round_ms, b.round_ms)):
+            groups.setdefault(a.round_attempts[i] if a.round_attempts else 0, []).append(y / x)
+        return statistics.median(spread(ratios) for ratios in groups.values())
     return a.noise + b.noise
 
 
 def faster_beyond_noise(a: Latency, b: Latency) -> bool:
     """Is a faster than b by more than the measured noise (and at least MIN_MARGIN)?"""
     return margin(a, b) > max(noise_of(a, b), MIN_MARGIN)
-
-
-def tied_with_fastest(latencies: Sequence[Latency]) -> list[Latency]:
-    """The fastest latency and every other that it does not beat beyond the noise, fastest first.
-
-    For a selection: when more than one is returned, latency does not decide between them
-    (prefer accuracy, then size); when one, it is faster than every other beyond the noise.
-    """
-    if not latencies:
-        return []
-    ordered = sorted(latencies, key=lambda r: r.latency_ms)
-    return [ordered[0]] + [r for r in ordered[1:] if not faster_beyond_noise(ordered[0], r)]
 
 
 def _ms(value: float) -> str:
@@ -535,7 +546,7 @@ def table_row(latency: Latency, profile: Profile | None = None, **columns) -> di
     """
     nulls = {"load_ms": None, "peak_rss_mb": None, "peak_rss_delta_mb": None}
     flags = set(cpu_model_and_flags()[1])
-    return {**latency.model_dump(exclude={"round_ms", "session"}), **(profile.model_dump() if profile else nulls),
+    return {**latency.model_dump(exclude={"round_ms", "round_attempts", "session"}), **(profile.model_dump() if profile else nulls),
             "cpu": cpu_info(), "cpu_avx2": "avx2" in flags,
             "cpu_avx512_vnni": "avx512_vnni" in flags, "cpu_amx": "amx_int8" in flags,
             "torch_version": torch.__version__, "format": runtimes.format_for(latency.runtime),

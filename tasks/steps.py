@@ -221,7 +221,7 @@ def benchmark(config: RunConfig, run: RunInfo, results: list[VariantResult]) -> 
     """Time float and every int8 variant in each of its runtimes, side by side."""
     pairs = pipeline.timed_pairs(results)
     get_run_logger().info("timing %d (variant, runtime) pairs at batch sizes %s, %d threads",
-                          len(pairs), ", ".join(map(str, config.timing.batch_sizes)),
+                          len(pairs), ", ".join(map(str, config.timing.timed_batch_sizes)),
                           config.timing.num_threads)
     rows = pipeline.benchmark(config, run, results)
     for r in rows:
@@ -271,8 +271,13 @@ def publish(outcome: Outcome) -> None:
                           table=report.table_rows(manifest.results, manifest.selected.variant),
                           description=f"run {manifest.run_id}: {manifest.model}, selected "
                                       f"{manifest.selected.variant} in "
-                                      f"{manifest.selected.runtime}{rejected}")
+                                      f"{manifest.selected.runtime}{rejected}"
+                                      + "".join(f"; {line}" for line in
+                                                report.verdict_lines(manifest.selected)[:1]))
     create_markdown_artifact(key="quantlab-report", markdown=outcome.ui_report,
                              description=f"run {manifest.run_id}")
-    get_run_logger().info("selected %s in %s: %s", manifest.selected.variant,
-                          manifest.selected.runtime, manifest.selected.reason)
+    logger = get_run_logger()
+    logger.info("selected %s in %s: %s", manifest.selected.variant,
+                manifest.selected.runtime, manifest.selected.reason)
+    for line in report.verdict_lines(manifest.selected):
+        logger.info("%s", line)

@@ -162,9 +162,10 @@ def prefect(tmp_path_factory):
     """A real temporary Prefect API (SQLite) for the session; task results in a temp folder."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
+    from quantlab_flows import EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     results = str(tmp_path_factory.mktemp("prefect-results"))
-    with prefect_test_harness(server_startup_timeout=60), \
+    with prefect_test_harness(server_startup_timeout=EPHEMERAL_STARTUP_TIMEOUT_SECONDS), \
             temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
         yield
 

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from quantlab_flows import PREFECT_DEFAULTS
 from tests.support import PrefectServer, background, free_port
 
 
@@ -22,8 +23,8 @@ def prefect_server(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    server_env.update(PREFECT_HOME=str(home / "server"), PREFECT_UI_API_URL=f"{url}/api",
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    server_env.update(PREFECT_DEFAULTS, PREFECT_HOME=str(home / "server"),
+                      PREFECT_UI_API_URL=f"{url}/api",
                       PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
 
     def healthy() -> bool:

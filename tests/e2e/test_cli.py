@@ -49,6 +49,54 @@ def test_pull_best_of_a_run_outside_its_budget_warns(completed_run, tmp_path):
         store.write_bytes(rel, original)
 
 
+def test_pull_of_a_diverged_export_exits_2_unless_forced(completed_run, tmp_path):
+    """The run's manifest, rewritten to say ptq-x86's ONNX diverged in ONNX Runtime: refused
+    in one line naming the agreement, nothing written; --force pulls it with a warning; a
+    manifest from before the check's figures pulls it without a word."""
+    from quantlab import registry
+    from quantlab.store import Store
+
+    cfg, result = completed_run
+    run_id = result.manifest.run_id
+    store, rel = Store(cfg.store), f"runs/{run_id}/manifest.json"
+    original = store.read_bytes(rel)
+    m = registry.load_manifest(store, run_id)
+
+    def with_rows(change) -> bytes:
+        rows = [change(r) for r in m.runtime_results]
+        return m.model_copy(update={"runtime_results": rows}).model_dump_json().encode()
+
+    reason = "top-1 agrees with the TorchScript artifact on 91.20% of images (< 98%)"
+    diverged = with_rows(lambda r: r.model_copy(update={
+        "equivalent": False, "agreement": 91.2, "check": reason})
+        if (r.variant, r.runtime) == ("ptq-x86", "onnxruntime") else r)
+    before_check = with_rows(lambda r: r.model_copy(update={"equivalent": None,
+                                                            "agreement": None, "check": None}))
+    args = ("pull", run_id, "--variant", "ptq-x86", "--format", "onnx", "--store", cfg.store)
+    pulled = tmp_path / f"mobilenet_v2-ptq-x86-{run_id}.onnx"
+    try:
+        store.write_bytes(rel, diverged)
+        out = quantlab(*args, "--dest", str(tmp_path))
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.splitlines() == [
+            f"error: ptq-x86's onnx export failed its check in onnxruntime: {reason}; "
+            "--force pulls it anyway"]
+        assert list(tmp_path.iterdir()) == []
+        out = quantlab(*args, "--dest", str(tmp_path), "--force")
+        assert out.returncode == 0, out.stderr
+        assert out.stderr.splitlines() == [
+            f"warning: ptq-x86's onnx export failed its check in onnxruntime: {reason}; "
+            "pulled anyway (--force)"]
+        assert [p.name for p in tmp_path.iterdir()] == [pulled.name]
+        pulled.unlink()
+        store.write_bytes(rel, before_check)
+        out = quantlab(*args, "--dest", str(tmp_path))
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert pulled.stat().st_size > 0
+    finally:
+        store.write_bytes(rel, original)
+
+
 CONSOLE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "quantlab")
 BAD_VALUES = {"demo": ["--qat-epochs", "abc"], "run": ["--qat-epochs", "abc"],
               "qat": ["run.yaml", "--run-id", "r1", "--epochs", "abc"],

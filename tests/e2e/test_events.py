@@ -255,3 +255,33 @@ def test_a_bad_checkpoint_is_rejected_once(deployed, worker, buckets, s3_env, en
                            deployed.store, cwd=tmp_path)
     assert out.returncode == 0 and "rejected earlier: checkpoint" in out.stdout, out.stdout
     assert "testing-secret-key" not in out.stdout + str([e.payload for e in rejected])
+
+
+def test_announce_refuses_a_pending_checkpoint_and_retries_a_failed_one(
+        deployed, worker, buckets, s3_env, env, prefect_server, tiny_checkpoint, tmp_path):
+    """Pending in a run: `announce` refuses it without --force. Failed: `announce` retries it
+    without --force, saying why it failed, and the triggered run quantizes it."""
+    models, lab = Store(f"s3://{buckets['models']}"), Store(deployed.store)
+    models.write_bytes("mobilenet_v2/2026-12-04/model.pth", checkpoint_bytes(tiny_checkpoint, 2e-3))
+    uri = models.uri("mobilenet_v2/2026-12-04/model.pth")
+    seen = CheckpointRegistry(lab)
+    sha256 = seen.identify(uri)
+    seen.remember(sha256, uri, "mobilenet_v2")
+    seen.claim(sha256, "run-in-flight", str(uuid.uuid4()))
+
+    def announce():
+        out = run_quantlab_env(env, "announce", uri, "--model", "mobilenet_v2", "--store",
+                               deployed.store, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+    assert "already pending in run run-in-flight; not announced" in announce()
+    seen.mark_failed(sha256, "run-in-flight", "StoreError: s3://lab unreachable\ntraceback")
+    before = len(deployment_runs(prefect_server, QUANTIZE))
+    out = announce()
+    assert "failed earlier: StoreError: s3://lab unreachable; retrying" in out
+    assert f"emitted {LANDED}" in out
+    run = quantize_runs_after(prefect_server, before + 1)[-1]
+    assert run.parameters["checkpoint"] == uri and run.state.is_completed(), run.state
+    record = seen.get(sha256)
+    assert record.outcome == "quantized" and record.run_id == f"flow-{run.id}"
+    assert record.failures == 0

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -13,10 +14,17 @@ import sys
 import pytest
 
 from quantlab import bench, metrics
-from quantlab.timing import cpu_model_and_flags
 from quantlab.store import Store
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def proc_cpuinfo() -> tuple[str, set[str]]:
+    """The first CPU's model name and flags, read from /proc/cpuinfo here (not by quantlab)."""
+    with open("/proc/cpuinfo") as f:
+        first = f.read().split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
 def test_bench_command_runs_stores_and_prints(tmp_path):
@@ -63,9 +71,10 @@ def test_bench_command_runs_stores_and_prints(tmp_path):
     assert {r["source"] for r in rows} == {"quantlab", "torch"}
     assert all(r["weights"] == "random" and r["calibration"] == "random" for r in rows)
     assert all(r["cpu"] and "[" in r["cpu"] and r["torch_version"] for r in rows)
-    flags = cpu_model_and_flags()[1]
+    model, flags = proc_cpuinfo()
     assert all((r["cpu_avx2"], r["cpu_avx512_vnni"], r["cpu_amx"]) == tuple(
         f in flags for f in ("avx2", "avx512_vnni", "amx_int8")) for r in rows)
+    assert all(r["cpu"].startswith(f"{model} [") for r in rows)
     assert "int8 ISA flags" in out.stdout
     assert all(r["latency_ms_p90"] >= r["latency_ms"] >= r["latency_ms_min"] > 0 for r in rows)
     assert {r["engine"] for r in rows if "int8" in r["variant"] or "ptq" in r["variant"]} == {"x86"}
@@ -134,7 +143,18 @@ def test_report_finds_every_bench_script():
     scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {"report", "_common"}
     assert set(found) == scripts and list(found)[:3] == report.SECTIONS
     assert found["int8_speed"] is None and found["staging"].startswith("Staging throughput")
-    assert "| CPU |" in report.machine() and "avx512_vnni" in report.machine()
+    # The machine as the report describes it: the flags it says the CPU has are the ones
+    # /proc/cpuinfo lists, of those it checks (and it checks the int8 ones that matter).
+    model, flags = proc_cpuinfo()
+    lines = {line.split("|")[1].strip(): line.split("|")[2].strip()
+             for line in report.machine().splitlines() if line.count("|") == 3}
+    assert lines["CPU"] == model
+    has, checked = re.fullmatch(r"(.*) \(checked: (.*)\)", lines["int8-relevant flags"]).groups()
+    checked = checked.split(", ")
+    assert {"avx2", "avx512_vnni", "amx_int8"} <= set(checked)
+    assert has == (", ".join(f for f in checked if f in flags) or "none")
+    assert lines["SIMD flags"].split() == sorted(
+        f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
 
 
 # --- timing method: a fresh torch-only process; noise; the selection's helpers ---------------
@@ -175,12 +195,18 @@ def test_bench_timing_of_a_file_matches_a_bare_torch_process(tmp_path):
     Thread counts run 2 then 1: timed on the same loaded modules (the old method), int8 at the
     second count ran ~2-3x slower, a primitive cached at the first count. Medians of interleaved
     repetitions, a generous bound, and retries; a setting whose bench row stayed noisy (a busy
-    machine) is not judged, but at least one must be.
+    machine) is not judged. A thread count out of bounds is measured again, and fails unless
+    a later attempt judges it within them; if no attempt could judge any (the machine stayed
+    too busy in all three), the test is skipped, never passed.
     """
     spec, c = _tiny_int8(threads=(2, 1))
     path = tmp_path / "int8.pt"
     path.write_bytes(c.payload)
-    failures = []
+
+    def within(ratios: list[float]) -> bool:
+        return any(0.6 < x < 1.6 for x in ratios)
+
+    judged: dict[int, list[float]] = {}  # thread count -> its ratio in each attempt that judged it
     for _ in range(3):
         timed, bare = {}, {}
         for _ in range(2):  # interleaved: bench, bare, bench, bare
@@ -191,13 +217,17 @@ def test_bench_timing_of_a_file_matches_a_bare_torch_process(tmp_path):
                                       "onednn", str(n), "32"], capture_output=True, text=True)
                 assert out.returncode == 0, out.stderr
                 bare.setdefault(n, []).append(float(out.stdout.strip().splitlines()[-1]))
-        ratios = {n: statistics.median(r.latency_ms for r in rows) / statistics.median(bare[n])
-                  for n, rows in timed.items() if not any(r.noisy for r in rows)}
-        failures = {n: ratio for n, ratio in ratios.items() if not 0.6 < ratio < 1.6}
-        if ratios and not failures:
-            return
-    assert not failures, f"bench / bare-process latency per thread count: {failures}"
-    pytest.skip("every bench measurement was noisy: the machine is too busy to judge")
+        for n, rows in timed.items():
+            if not any(r.noisy for r in rows):
+                judged.setdefault(n, []).append(
+                    statistics.median(r.latency_ms for r in rows) / statistics.median(bare[n]))
+        if all(within(judged.get(n, [])) for n in timed):
+            break  # every thread count judged, and within bounds at least once
+    failures = {n: ratios for n, ratios in judged.items() if not within(ratios)}
+    assert not failures, f"bench / bare-process latency per thread count, per attempt: {failures}"
+    if not judged:
+        pytest.skip("every bench measurement was noisy in 3 attempts: the machine is too busy "
+                    "to judge")
 
 
 def test_timing_process_is_plain_torch_and_reloads_per_setting(tmp_path, monkeypatch):
@@ -217,7 +247,8 @@ def test_timing_process_is_plain_torch_and_reloads_per_setting(tmp_path, monkeyp
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["quantlab_imported"] is False and result["python_threads"] == 1
     assert [(s["num_threads"], s["batch_size"]) for s in result["settings"]] == [(2, 1), (1, 2)]
-    assert [len(s["rounds"]["m"]) for s in result["settings"]] == [1, 1]
+    # 5 calls: 5 rounds of 1, never fewer than MIN_ROUNDS (the noise is the rounds' spread)
+    assert [len(s["rounds"]["m"]) for s in result["settings"]] == [5, 5]
 
     # Each setting: threads set, then every model loaded, then timed.
     events = []
@@ -274,10 +305,6 @@ def test_noise_and_margin_helpers():
     c, d = _lat(1.0, [1.0] * 4), _lat(1.01, [1.01] * 4)
     assert not faster_beyond_noise(c, d)
 
-    from quantlab.timing import tied_with_fastest
-    e = _lat(1.2, [1.2] * 4)
-    assert tied_with_fastest([e, d, c]) == [c, d] and tied_with_fastest([e, c]) == [c]
-    assert tied_with_fastest([]) == []
 
 
 def test_threads_are_capped_to_idle_cpus():

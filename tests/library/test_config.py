@@ -2,7 +2,8 @@
 
 import pytest
 
-from quantlab.config import PTQ_PRESETS, RunConfig, load_config, parse_config
+from quantlab.config import (PTQ_PRESETS, QATConfig, RunConfig, load_config, merge_overrides,
+                             parse_config)
 from quantlab.errors import ConfigError
 
 BASE = {"model": {"checkpoint": "float.pth"}, "data": {"uri": "data/"}}
@@ -32,6 +33,9 @@ def test_variants_by_preset_name_or_mapping():
     ({"variants": [{"name": "v", "engine": "tpu"}]}, "unknown engine 'tpu'; valid: x86, fbgemm"),
     ({"qat": {"epochs": 0}}, "qat.epochs"),
     ({"qat": {"epochs": 3, "freeze_bn_after": 5}}, "freeze_bn_after=5 is beyond the run's 3 epochs"),
+    ({"qat": {"epochs": 1, "freeze_observers_after": 2}},
+     "qat.freeze_observers_after=2 is beyond the run's 1 epochs; valid: 1..1"),
+    ({"qat": {"freeze_bn_after": 0}}, "qat.freeze_bn_after"),
     ({"qat": {"nproc_per_node": 0}}, "qat.nproc_per_node"),
     ({"data": {"uri": "d", "batch_size": 0}}, "data.batch_size"),
     ({"storage_options": {"secret": "hunter2"}}, "must not hold credentials (secret)"),
@@ -73,6 +77,7 @@ def test_yaml_with_overrides(tmp_path):
                     "qat: {epochs: 4, freeze_bn_after: 2, freeze_observers_after: 3}\n")
     cfg = load_config(str(path), {"qat.epochs": 5, "store": "s3://b/p", "model.name": None})
     assert cfg.model.name == "resnet18" and cfg.qat.epochs == 5 and cfg.store == "s3://b/p"
+    assert (cfg.qat.freeze_bn_after, cfg.qat.freeze_observers_after) == (2, 3)  # as set
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
 
@@ -135,3 +140,57 @@ def test_settings_renamed_in_0_2_still_read_under_their_old_names():
     with pytest.raises(ConfigError, match="give timing only"):
         parse_config({"model": {"checkpoint": "x.pth"}, "data": {"uri": "d"}, "bench": {},
                       "timing": {}})
+
+
+# -- the QAT schedule: the tutorial's freeze points, scaled to the epochs asked for ----------
+@pytest.mark.parametrize("epochs, bn, observers", [
+    (1, 1, 1),   # nothing to freeze within the run: the freeze follows its only epoch
+    (2, 1, 1),   # one epoch before, one after
+    (3, 2, 2),
+    (4, 2, 3),
+    (8, 4, 5),   # the tutorial's
+    (16, 8, 10),
+])
+def test_unset_freeze_points_scale_with_the_epochs(epochs, bn, observers):
+    q = parse_config({**BASE, "qat": {"epochs": epochs}}).qat
+    assert (q.freeze_bn_after, q.freeze_observers_after) == (bn, observers)
+    assert "freeze_bn_after" not in q.model_fields_set  # still "scale with epochs"
+    # null (a YAML `freeze_bn_after: null`, a Prefect form left empty) means the same
+    q = parse_config({**BASE, "qat": {"epochs": epochs, "freeze_bn_after": None,
+                                      "freeze_observers_after": None}}).qat
+    assert (q.freeze_bn_after, q.freeze_observers_after) == (bn, observers)
+
+
+def test_freeze_points_set_explicitly_are_kept_or_refused():
+    q = QATConfig(epochs=3, freeze_observers_after=3)  # the scaled default would be 2
+    assert (q.freeze_bn_after, q.freeze_observers_after) == (2, 3)
+    q = QATConfig(epochs=8, freeze_bn_after=1, freeze_observers_after=8)
+    assert (q.freeze_bn_after, q.freeze_observers_after) == (1, 8)
+    with pytest.raises(ConfigError) as e:
+        parse_config({**BASE, "qat": {"epochs": 2, "freeze_bn_after": 4}})
+    assert str(e.value) == ("invalid config: qat: qat.freeze_bn_after=4 is beyond the run's 2 "
+                            "epochs; valid: 1..2")
+    # A dumped config (a QAT job file, a Prefect parameter) reads back as the same schedule.
+    q = QATConfig(epochs=3)
+    assert QATConfig.model_validate_json(q.model_dump_json()) == q
+
+
+def test_quantlab_run_with_one_qat_epoch_validates(tmp_path):
+    """`quantlab run run.yaml --qat-epochs 1` (and without a YAML file): the CLI's own override
+    path, with the default schedule, validates; a freeze point the YAML sets beyond it does not."""
+    from quantlab_cli.app import config_overrides
+
+    overrides = config_overrides(qat_epochs=1, checkpoint="float.pth", data="data/", model=None)
+    q = parse_config(merge_overrides({}, overrides)).qat
+    assert (q.epochs, q.freeze_bn_after, q.freeze_observers_after) == (1, 1, 1)
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {checkpoint: float.pth}\ndata: {uri: data/}\n"
+                    "qat: {epochs: 8, lr: 0.0001}\n")
+    q = load_config(str(path), config_overrides(qat_epochs=1)).qat
+    assert (q.epochs, q.freeze_bn_after, q.freeze_observers_after) == (1, 1, 1)
+    q = load_config(str(path), config_overrides(qat_epochs=2)).qat
+    assert (q.epochs, q.freeze_bn_after, q.freeze_observers_after) == (2, 1, 1)
+    path.write_text("model: {checkpoint: float.pth}\ndata: {uri: data/}\n"
+                    "qat: {epochs: 8, freeze_bn_after: 4}\n")
+    with pytest.raises(ConfigError, match=r"qat.freeze_bn_after=4 is beyond the run's 1 epochs"):
+        load_config(str(path), config_overrides(qat_epochs=1))

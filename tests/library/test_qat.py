@@ -13,6 +13,7 @@ import threading
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from quantlab import metrics, pipeline, qat
@@ -62,19 +63,56 @@ def kill_worker(rank: int) -> int:
     raise AssertionError(f"no QAT worker of rank {rank} is running")
 
 
-def check_qat_result(cfg, run_id: str, num_epochs: int, world_size: int) -> None:
-    """The shape of a finished QAT stage: rows, checkpoints, and an exportable final model."""
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+OBSERVER_STATE = ("min_val", "max_val", "scale", "zero_point")
+
+
+def _buffers(state: dict, suffixes: tuple[str, ...]) -> dict:
+    return {k: v for k, v in state.items() if k.endswith(suffixes)}
+
+
+def check_freezing(before: dict, after: dict, bn_trained: bool, observers_trained: bool,
+                   observers_frozen: bool, epoch: int) -> None:
+    """An epoch's effect on the QAT model's state, from the state dicts before and after it:
+    BN statistics and observer ranges change iff they were not frozen during the epoch, and
+    the observers' enabled flags say whether they are frozen now."""
+    bn = [k for k in _buffers(after, BN_STATS) if not torch.equal(before[k], after[k])]
+    assert bool(bn) == bn_trained, f"epoch {epoch}: BN statistics changed: {bn[:3]}"
+    if bn_trained:
+        tracked = _buffers(after, ("num_batches_tracked",))
+        assert all(after[k] > before[k] for k in tracked), f"epoch {epoch}: a BN did not train"
+    ranges = [k for k in _buffers(after, OBSERVER_STATE) if not torch.equal(before[k], after[k])]
+    assert bool(ranges) == observers_trained, f"epoch {epoch}: ranges changed: {ranges[:3]}"
+    flags = {int(v) for v in _buffers(after, ("observer_enabled",)).values()}
+    assert flags == {0 if observers_frozen else 1}, f"epoch {epoch}: observer_enabled {flags}"
+    assert {int(v) for v in _buffers(after, ("fake_quant_enabled",)).values()} == {1}
+
+
+def check_qat_result(cfg, run_id: str, num_epochs: int, world_size: int,
+                     frozen: list[tuple[bool, bool]]) -> None:
+    """The shape of a finished QAT stage: rows, checkpoints, and an exportable final model.
+
+    `frozen`: (BN frozen, observers frozen) after each epoch, as the test's schedule says;
+    checked in the rows and in the model state each epoch's checkpoint holds."""
+    assert len(frozen) == num_epochs
     store = Store(cfg.store)
     rows = sorted(metrics.read_rows(store, "qat_epochs", run_id), key=lambda r: r["epoch"])
     assert [r["epoch"] for r in rows] == list(range(1, num_epochs + 1))  # each exactly once
     assert all(r["world_size"] == world_size and r["images_per_sec"] > 0 for r in rows)
     assert all(0 <= r["eval_top1"] <= 100 for r in rows)
-    for r in rows:
-        assert (r["observer_frozen"], r["bn_frozen"]) == qat.freeze_state(cfg, r["epoch"])
+    assert [(r["bn_frozen"], r["observer_frozen"]) for r in rows] == frozen
     assert qat.latest_checkpoint(store, run_id) == num_epochs
-    ckpt = qat.load_checkpoint(store, run_id, num_epochs)
-    assert ckpt["epoch"] == num_epochs and len(ckpt["rng_states"]) == world_size
     staged = pipeline.stage(cfg)
+    state = qat.build_qat_model(cfg, len(staged.classes)).state_dict()  # before epoch 1
+    was = (False, False)
+    for epoch, (bn_frozen, observers_frozen) in enumerate(frozen, 1):
+        ckpt = qat.load_checkpoint(store, run_id, epoch)
+        assert (ckpt["epoch"], ckpt["bn_frozen"], ckpt["observers_frozen"]) == (
+            epoch, bn_frozen, observers_frozen)
+        check_freezing(state, ckpt["model"], bn_trained=not was[0], observers_trained=not was[1],
+                       observers_frozen=observers_frozen, epoch=epoch)
+        state, was = ckpt["model"], (bn_frozen, observers_frozen)
+    assert len(ckpt["rng_states"]) == world_size
     run = pipeline.RunInfo.model_validate(store.read_json(f"runs/{run_id}/run.json"))
     result = pipeline.export_qat(cfg, staged, run)
     assert result.method == "qat" and result.eval.num_images == staged.num_val
@@ -126,7 +164,8 @@ def test_qat_on_two_gloo_workers_then_export(run_ctx):
     assert any(qat.parse_event(line) for line in lines)
     # 72 training images: each of the 2 ranks gets its own 36
     assert sum("a shard of 36 of 72 training images, 1 threads" in line for line in lines) == 2
-    check_qat_result(cfg, run.run_id, num_epochs=2, world_size=2)
+    check_qat_result(cfg, run.run_id, num_epochs=2, world_size=2,
+                     frozen=[(True, False), (True, True)])
     # Once every epoch is done, a re-run launches nothing and retrains nothing.
     again = pipeline.train_qat(cfg, staged, run, on_line=lines.append)
     assert again == rows
@@ -178,13 +217,15 @@ def test_two_nodes_rendezvous_on_loopback(tiny_config, tmp_path):
     assert hosted == [False, True], outputs
     assert all("[rank 1/2]" in out for out in outputs if "[rank 0/2]" not in out)
     assert all("quantlab run" in out and "two-nodes" in out for out in outputs)
-    check_qat_result(cfg, "two-nodes", num_epochs=2, world_size=2)
+    check_qat_result(cfg, "two-nodes", num_epochs=2, world_size=2,
+                     frozen=[(True, False), (True, True)])
 
 
 # -- faults --------------------------------------------------------------------------------
 def test_sigkilled_worker_is_restarted_and_training_resumes(run_ctx):
     cfg, run, staged, num_classes = run_ctx
-    cfg = with_qat(cfg, epochs=3, freeze_bn_after=2, freeze_observers_after=3,
+    # BN frozen after epoch 1, observers after 2: the resumed group must freeze them again
+    cfg = with_qat(cfg, epochs=3, freeze_bn_after=1, freeze_observers_after=2,
                    max_train_batches=2, max_restarts=1)
     training = Training(cfg, run, staged, num_classes)
     assert training.epochs.get(timeout=400) == 1
@@ -194,7 +235,8 @@ def test_sigkilled_worker_is_restarted_and_training_resumes(run_ctx):
     assert training.error is None, training.log[-8000:]
     assert 1 <= resumed_from < 3
     assert f"resuming from the checkpoint of epoch {resumed_from}" in training.log
-    check_qat_result(cfg, run.run_id, num_epochs=3, world_size=2)
+    check_qat_result(cfg, run.run_id, num_epochs=3, world_size=2,
+                     frozen=[(True, False), (True, True), (True, True)])
 
 
 def test_rerun_after_a_crash_resumes_from_the_runs_checkpoints(run_ctx):
@@ -218,7 +260,8 @@ def test_rerun_after_a_crash_resumes_from_the_runs_checkpoints(run_ctx):
     assert f"resuming from the checkpoint of epoch {done}" in "\n".join(lines)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(r["created_at"] == before[r["epoch"]] for r in rows if r["epoch"] <= done)  # not redone
-    check_qat_result(cfg, run.run_id, num_epochs=3, world_size=2)
+    check_qat_result(cfg, run.run_id, num_epochs=3, world_size=2,
+                     frozen=[(False, False), (True, False), (True, True)])
 
 
 # -- launch settings ----------------------------------------------------------------------------

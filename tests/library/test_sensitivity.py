@@ -1,4 +1,4 @@
-"""Per-layer sensitivity, the float fallback, selection and the gate's rule (no Prefect)."""
+"""Per-layer sensitivity and the float fallback (no Prefect); selection: test_selection.py."""
 
 import pytest
 import torch
@@ -6,10 +6,9 @@ from torch.ao.nn import intrinsic as nni
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import quantized as nniq
 
-from quantlab import gate, metrics, pipeline, registry, selection
+from quantlab import metrics, pipeline, registry
 from quantlab.backend import get_backend
 from quantlab.evaluate import EvalResult
-from quantlab.registry import ResultRow
 from quantlab.sensitivity import chosen_step, greedy_fallback
 from quantlab.store import Store
 from tests.support import make_config
@@ -134,95 +133,6 @@ def test_greedy_fallback_stops_when_float_layers_buy_nothing():
     assert len(flat) == 3 and chosen_step(flat).num_float_layers == 0
 
 
-def _row(variant, top1, ms, method="ptq", float_layers=()):
-    return ResultRow(variant=variant, method=method, top1=top1, top5=100, size_bytes=1,
-                     latency_ms=ms, speedup=None, float_layers=list(float_layers))
-
-
-def test_select_picks_the_fastest_variant_within_the_budget():
-    rows = [_row("float", 90.0, 10.0, "float"), _row("fast-bad", 88.0, 2.0),
-            _row("slow-good", 90.5, 5.0), _row("mid", 89.0, 3.0), _row("qat", 89.5, 4.0, "qat")]
-    chosen = selection.select(rows, max_accuracy_drop=1.0)
-    assert chosen.variant == "mid" and chosen.within_budget  # 89.0 == floor counts as within
-    assert "fastest variant within 1 top-1 points" in chosen.reason
-    assert selection.select(rows, 0.0).variant == "slow-good"
-    assert selection.select(rows, 5.0).variant == "fast-bad"
-    # a variant without a latency is never preferred over a timed one
-    assert selection.select([rows[0], _row("untimed", 90, None), _row("t", 90, 9.0)], 1).variant == "t"
-
-
-def test_select_without_a_variant_in_budget_takes_the_most_accurate_and_says_so():
-    rows = [_row("float", 95.0, 10.0, "float"), _row("a", 80.0, 2.0), _row("b", 85.0, 3.0),
-            _row("b-fallback", 88.0, 6.0, float_layers=["x"])]
-    chosen = selection.select(rows, max_accuracy_drop=1.0)
-    assert chosen.variant == "b-fallback" and not chosen.within_budget
-    assert chosen.reason.startswith("no variant within 1 top-1 points of float")
-    with pytest.raises(ValueError, match="float row"):
-        selection.select(rows[1:], 1.0)
-
-
-@pytest.mark.parametrize("top1, ms, passed, needle", [
-    (95.0, 10.5, True, "no regression"),
-    (93.9, 10.0, False, "1.10 points below the previous best's 95.00 (allowed: 1)"),
-    (95.0, 11.2, False, "1.12x the previous best's 10.000 ms (allowed: 1.10x; lowest of 3"),
-    (99.0, 12.0, False, "batch-1 latency"),
-])
-def test_gate_rule(top1, ms, passed, needle):
-    verdict = gate.judge(top1, ms, 95.0, 10.0, max_accuracy_drop=1.0, max_latency_increase=0.1,
-                           previous_run_id="run-1", previous_variant="ptq-x86", same_dataset=True,
-                           latency_attempts=3)
-    assert verdict.passed is passed and needle in verdict.reason
-    assert verdict.previous_run_id == "run-1" and verdict.previous_variant == "ptq-x86"
-
-
-def test_gate_latency_is_remeasured_and_a_real_slowdown_persists():
-    import time
-
-    from quantlab.timing import compare
-
-    class Sleepy(torch.nn.Module):
-        def __init__(self, seconds):
-            super().__init__()
-            self.seconds = seconds
-
-        def forward(self, x):
-            time.sleep(self.seconds)
-            return x
-
-    old, new, attempts = compare(Sleepy(0.0), Sleepy(0.003), input_size=4, max_ratio=1.1,
-                                 attempts=3, num_threads=1, warmup=1, iterations=5)
-    assert attempts == 3 and new.latency_ms > 1.1 * old.latency_ms
-    assert (old.variant, new.variant, old.batch_size) == ("reference", "candidate", 1)
-
-
-def test_a_broken_float_baseline_is_named():
-    rows = [_row("float", 12.0, 10.0, "float"), _row("a", 60.0, 2.0), _row("b", 55.0, 3.0)]
-    found = selection.float_baseline_warnings(rows, float_loss=2500.0, num_classes=10)
-    assert len(found) == 2 and "BatchNorm statistics" in found[0] and "broken" in found[1]
-    healthy = [_row("float", 90.0, 10.0, "float"), _row("a", 89.0, 2.0)]
-    assert selection.float_baseline_warnings(healthy, float_loss=0.4, num_classes=10) == []
-
-
-def _lat(variant, rounds, session="s1"):
-    from quantlab.timing import latency
-
-    return latency(variant, 1, 1, rounds, session=session)
-
-
-def test_selection_does_not_rest_on_a_difference_within_the_noise():
-    """Seen on a busy worker: two artifacts of one structure timed 88.8 vs 332.8 ms. With the
-    rounds' spread known, a gap inside the noise is a tie: accuracy, then size, decides."""
-    rows = [_row("float", 90.0, 10.0, "float"), _row("quick", 89.5, 1.0), _row("good", 90.2, 1.05)]
-    # Load that hits the two in different rounds: their per-round ratio swings by ~+-30%.
-    quick = [[1e-3 * (1.0 + 0.3 * (i % 3))] for i in range(30)]
-    good = [[1e-3 * (1.05 + 0.3 * ((i + 1) % 3))] for i in range(30)]
-    chosen = selection.select(rows, 1.0, [_lat("quick", quick), _lat("good", good)])
-    assert chosen.variant == "good" and "equally fast within the noise" in chosen.reason
-    steady = [_lat("quick", [[1e-3]] * 30), _lat("good", [[1.5e-3]] * 30)]
-    chosen = selection.select(rows, 1.0, steady)
-    assert chosen.variant == "quick" and "50% margin" in chosen.reason and "against good" in chosen.reason
-
-
 def test_auto_picks_the_most_accurate_variant_outside_the_budget(tiny_config):
     from quantlab.registry import ArtifactEntry
 
@@ -244,36 +154,3 @@ def test_auto_picks_the_most_accurate_variant_outside_the_budget(tiny_config):
     assert pipeline.sensitivity_base(cfg, within, float_eval) == "ptq-x86"  # the last variant
     mixed = [result("ptq-minmax", 80.0), result("ptq-x86", 89.8)]
     assert pipeline.sensitivity_base(cfg, mixed, float_eval) == "ptq-minmax"
-
-
-def test_selection_chooses_among_runtimes_and_never_a_diverged_export():
-    """Rows per (variant, runtime): the fastest pair within budget wins, unless its export
-    diverged from its TorchScript artifact; the table keeps each variant's fastest runtime."""
-    from quantlab.timing import Latency
-
-    def pair(variant, runtime, top1, ms, method="ptq", equivalent=None):
-        return {"variant": variant, "method": method, "top1": top1, "top5": None,
-                "size_bytes": 1, "runtime": runtime, "equivalent": equivalent}
-
-    def lat(variant, runtime, ms):
-        return Latency(variant=variant, runtime=runtime, batch_size=1, num_threads=1,
-                       latency_ms=ms, latency_ms_p90=ms, latency_ms_min=ms,
-                       images_per_sec=1e3 / ms, iterations=10)
-
-    results = [pair("float", "torch", 90.0, 10.0, "float"), pair("float", "openvino", 90.0, 4.0, "float"),
-               pair("a", "torch-x86", 89.8, 3.0), pair("a", "openvino", 89.7, 1.0, equivalent=False),
-               pair("b", "torch-x86", 89.5, 2.5), pair("b", "onnxruntime", 89.6, 2.0, equivalent=True)]
-    latencies = [lat("float", "torch", 10.0), lat("float", "openvino", 4.0),
-                 lat("a", "torch-x86", 3.0), lat("a", "openvino", 1.0),
-                 lat("b", "torch-x86", 2.5), lat("b", "onnxruntime", 2.0)]
-    rows = selection.comparison(results, latencies)
-    chosen = selection.select(rows, 1.0, latencies)
-    assert (chosen.variant, chosen.runtime, chosen.format) == ("b", "onnxruntime", "onnx")
-    table = {r.variant: r for r in selection.fastest_per_variant(rows)}
-    assert {v: r.runtime for v, r in table.items()} == {"float": "openvino", "a": "torch-x86",
-                                                        "b": "onnxruntime"}
-    assert table["b"].speedup == pytest.approx(2.0)            # against float in openvino
-    assert table["b"].speedup_vs_torchscript == pytest.approx(5.0)
-    only_diverged = [r for r in rows if r.variant in ("float", "a") and r.runtime != "torch-x86"]
-    with pytest.raises(ValueError, match="at least one int8 variant"):
-        selection.select(only_diverged, 1.0, latencies)
