@@ -3,7 +3,7 @@
 The gate times the previous best and the new model side by side at the serving batch size
 (`quantlab.timing.compare`: measured again, up to `gate.latency_attempts`, default 3, while it
 looks slower than allowed or noisy; the median kept) and fails only if that median ratio
-exceeds 1 + `gate.max_latency_increase` (default 1.10) by more than its noise
+exceeds 1 + `gate.max_latency_increase` (default 1.10) by more than twice its noise
 (`quantlab.gate.judge`). Timing a model
 against a byte-identical copy of itself shows how often noise alone crosses the threshold on
 this machine, with one attempt and with the default three, and what the noise measure says:
@@ -22,7 +22,7 @@ import statistics
 import tempfile
 
 from quantlab import registry
-from quantlab.timing import capacity, compare, faster_beyond_noise, noise_of
+from quantlab.timing import NOISE_MULTIPLE, capacity, compare, faster_beyond_noise, noise_of
 from quantlab.store import Store
 
 
@@ -54,7 +54,8 @@ def main() -> None:
                                       args.threads, args.warmup, args.iterations,
                                       engines={"reference": engine, "candidate": engine})
                 ratios.append(new.latency_ms / old.latency_ms)
-                failed += ratios[-1] / args.max_ratio - 1 > noise_of(old, new)  # gate.judge
+                failed += (ratios[-1] / args.max_ratio - 1  # gate.judge's rule
+                           > NOISE_MULTIPLE * noise_of(old, new))
                 used.append(n)
                 noise += [old.noise, new.noise]
                 flagged += old.noisy or new.noisy

@@ -140,8 +140,8 @@ def _print_outcome(outcome) -> None:
         console.print(f"regression gate: {m.gate.reason}")
     console.print(f"selected [bold]{m.selected.variant}[/bold] in {m.selected.runtime}: "
                   f"{m.selected.reason}")
-    for line in report.verdict_lines(m.selected):
-        console.print(line, highlight=False)
+    for line in report.verdict_lines(m.selected):  # "[avx2,...]" is text, not rich markup
+        console.print(line, highlight=False, markup=False)
     console.print(f"artifacts in {outcome.store}/runs/{m.run_id}/  "
                   f"(pull: quantlab pull {m.run_id} --store {outcome.store})")
 
@@ -326,8 +326,8 @@ def show(ref: Annotated[str, typer.Argument(help="run id or alias (latest, best,
                                     title=f"run {m.run_id}: {m.model} ({m.status})"))
     console.print(f"selected [bold]{m.selected.variant}[/bold] in {m.selected.runtime}: "
                   f"{m.selected.reason}")
-    for line in report.verdict_lines(m.selected):
-        console.print(line, highlight=False)
+    for line in report.verdict_lines(m.selected):  # "[avx2,...]" is text, not rich markup
+        console.print(line, highlight=False, markup=False)
     for r in m.results:
         if r.float_layers:
             console.print(f"{r.variant} keeps in float: {', '.join(r.float_layers)}")

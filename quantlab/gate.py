@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 
 from quantlab import data, formats, registry
-from quantlab.timing import TimedFile, compare, noise_of
+from quantlab.timing import NOISE_MULTIPLE, TimedFile, compare, noise_of
 from quantlab.config import RunConfig
 from quantlab.data import StagedData
 from quantlab.evaluate import result_of_logits
@@ -91,8 +91,9 @@ def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency
           batch_size: int = 1) -> GateVerdict:
     """The regression gate's rule: fail if top-1 fell more than `max_accuracy_drop` points
     below the previous best, or the (median) latency ratio exceeds 1 + `max_latency_increase`
-    by more than `latency_noise`, the measured noise of that ratio: a rise the timing cannot
-    tell from noise is no evidence of a regression. Both pairs of numbers must come from the
+    beyond `latency_noise`, the measured noise of that ratio (by more than NOISE_MULTIPLE x it,
+    as a selection's "faster"): a rise the timing cannot tell from noise is no evidence of a
+    regression. Both pairs of numbers must come from the
     same data and the same machine.
     """
     drop = previous_top1 - top1
@@ -103,7 +104,7 @@ def judge(top1: float, latency_ms: float, previous_top1: float, previous_latency
     if drop > max_accuracy_drop:
         problems.append(f"top-1 {top1:.2f} is {drop:.2f} points below the previous best's "
                         f"{previous_top1:.2f} (allowed: {max_accuracy_drop:g})")
-    if ratio / allowed - 1.0 > latency_noise:
+    if ratio / allowed - 1.0 > NOISE_MULTIPLE * latency_noise:
         problems.append(f"batch-{batch_size} latency {latency_ms:.3f} ms is {ratio:.2f}x the "
                         f"previous best's {previous_latency_ms:.3f} ms (allowed: {allowed:.2f}x; "
                         f"{noise})")

@@ -11,8 +11,8 @@ and it is faster than the fastest float pair beyond the measured noise at the se
 size. Among the candidates the choice starts from the most accurate and moves to a faster one
 only when that one is faster than the current choice beyond the noise (then again from there).
 Accuracy is the same in every run on the same inputs, so the start does not depend on which
-pair happened to be measured fastest; a move needs a margin larger than the noise of that very
-ratio (quantlab.timing.faster_beyond_noise). Judging ties against the one fastest measurement
+pair happened to be measured fastest; a move needs a margin of more than twice the noise of
+that very ratio (quantlab.timing.faster_beyond_noise, NOISE_MULTIPLE). Judging ties against the one fastest measurement
 instead made two identical runs choose differently (tests/library/test_selection.py).
 """
 

@@ -31,6 +31,10 @@ def test_output_to_a_pipe_or_file_keeps_tables_whole(completed_run):
     assert out.returncode == 0, out.stderr
     assert "\u2026" not in out.stdout.split("\nselected ")[0]  # the table: no cell cut short
     assert "latency" in out.stdout and result.manifest.selected.variant in out.stdout
+    # the verdict, whole: its CPU flags ("[avx2,...]") are text, not terminal markup
+    verdict = result.manifest.selected.verdict
+    assert f"verdict at serving batch 1: {verdict.sentence}" in " ".join(out.stdout.split())
+    assert f"CPU: {verdict.cpu}\n" in out.stdout and verdict.cpu.endswith("]")
 
 
 def test_pull_best_of_a_run_outside_its_budget_warns(completed_run, tmp_path):
