@@ -110,9 +110,12 @@ def test_a_second_trigger_while_the_first_run_is_pending_starts_nothing(
     with get_client(sync_client=True) as client:  # the first run, still going
         first = client.create_flow_run(flow(name="quantize")(lambda: None), state=Running())
     seen.claim(sha256, "run-first", str(first.id))
-    for force in (False, True):                    # forced or not: never two at once
+    # forced or not, never two at once: a second run that went past its claim would preflight
+    monkeypatch.setattr(pipeline, "preflight", raising(AssertionError("a second run started")))
+    for force in (False, True):
         trigger = CheckpointTrigger(source="announce", sha256=sha256, force=force)
         assert quantize(tiny_config, trigger=trigger) is None
+        assert seen.get(sha256).run_id == "run-first"
     record = seen.get(sha256)
     assert record.outcome == "pending" and record.flow_run_id == str(first.id)
     assert not Store(tiny_config.store).list_dir("runs")
